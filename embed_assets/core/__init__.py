@@ -1,0 +1,1 @@
+"""Dagster-free core: text cleaning, item reading, encoding, shard I/O, catalog, index and metrics."""

@@ -1,0 +1,101 @@
+"""Where everything lives under HOME. One place, so assets, checks, the CLI and tests agree."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOME_ENV = "EMBED_ASSETS_HOME"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get(DEFAULT_HOME_ENV, "data")).resolve()
+
+
+def partition_key(row_group: int) -> str:
+    return f"rg_{row_group:05d}"
+
+
+def row_group_of(key: str) -> int:
+    if not key.startswith("rg_") or not key[3:].isdigit():
+        raise ValueError(f"not a row-group partition key: {key!r} (expected rg_NNNNN)")
+    return int(key[3:])
+
+
+@dataclass(frozen=True)
+class Layout:
+    home: Path
+
+    @classmethod
+    def at(cls, home: str | os.PathLike) -> "Layout":
+        return cls(Path(home).resolve())
+
+    @property
+    def processed_dir(self) -> Path:
+        return self.home / "processed"
+
+    @property
+    def items_parquet(self) -> Path:
+        return self.processed_dir / "items.parquet"
+
+    @property
+    def row_groups_json(self) -> Path:
+        return self.processed_dir / "row_groups.json"
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.home / "embeddings"
+
+    def shard_pt(self, key: str) -> Path:
+        return self.embeddings_dir / f"shard_{row_group_of(key):05d}.pt"
+
+    def shard_items(self, key: str) -> Path:
+        return self.embeddings_dir / f"shard_{row_group_of(key):05d}.items.parquet"
+
+    def shard_manifest(self, key: str) -> Path:
+        return self.embeddings_dir / f"shard_{row_group_of(key):05d}.manifest.json"
+
+    @property
+    def catalog_db(self) -> Path:
+        return self.home / "catalog.duckdb"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.home / "index"
+
+    @property
+    def index_file(self) -> Path:
+        return self.index_dir / "items.faiss"
+
+    @property
+    def index_ids(self) -> Path:
+        return self.index_dir / "items.ids.parquet"
+
+    @property
+    def index_manifest(self) -> Path:
+        return self.index_dir / "manifest.json"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def rejects_jsonl(self) -> Path:
+        return self.reports_dir / "rejects.jsonl"
+
+    @property
+    def report_md(self) -> Path:
+        return self.reports_dir / "retrieval_eval.md"
+
+    @property
+    def report_json(self) -> Path:
+        return self.reports_dir / "retrieval_eval.json"
+
+    @property
+    def norms_json(self) -> Path:
+        return self.reports_dir / "embedding_norms.json"
+
+    @property
+    def run_summary_json(self) -> Path:
+        return self.reports_dir / "run_summary.json"

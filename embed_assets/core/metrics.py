@@ -1,0 +1,76 @@
+"""Retrieval metrics (trec_eval / BEIR definitions), ANN recall against exact search, latency percentiles."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def ndcg_at_k(ranked: Sequence[str], rels: Mapping[str, int], k: int) -> float:
+    """trec_eval's ndcg_cut: linear gain, log2(rank + 1) discount, ideal from the judged relevant docs."""
+    dcg = sum(rels.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
+    ideal = sorted((r for r in rels.values() if r > 0), reverse=True)[:k]
+    idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def recall_at_k(ranked: Sequence[str], rels: Mapping[str, int], k: int) -> float:
+    relevant = {d for d, r in rels.items() if r > 0}
+    return len(relevant.intersection(ranked[:k])) / len(relevant) if relevant else 0.0
+
+
+def mrr_at_k(ranked: Sequence[str], rels: Mapping[str, int], k: int) -> float:
+    for i, d in enumerate(ranked[:k]):
+        if rels.get(d, 0) > 0:
+            return 1.0 / (i + 1)
+    return 0.0
+
+
+def evaluate_run(run: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+    """Mean metrics over the judged queries that have a ranking (as BEIR's pytrec_eval evaluation does)."""
+    qids = [q for q in qrels if q in run and any(r > 0 for r in qrels[q].values())]
+    if not qids:
+        raise ValueError("no judged query has a ranking: check that query ids in qrels match queries.jsonl")
+
+    def mean(fn, k):
+        return float(np.mean([fn(run[q], qrels[q], k) for q in qids]))
+
+    return {
+        "ndcg_at_10": mean(ndcg_at_k, 10),
+        "recall_at_10": mean(recall_at_k, 10),
+        "recall_at_100": mean(recall_at_k, 100),
+        "mrr_at_10": mean(mrr_at_k, 10),
+        "n_queries": len(qids),
+    }
+
+
+def ann_recall_at_k(ann_ids: np.ndarray, exact_ids: np.ndarray, k: int = 10) -> float:
+    """Mean overlap of the index's top-k with exact search's top-k."""
+    hits = [len(set(a[:k]) & set(e[:k])) / k for a, e in zip(ann_ids, exact_ids)]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
+    """Brute-force top-k by inner product, blocked to bound memory."""
+    x = vectors.astype(np.float32)
+    out = []
+    for s in range(0, len(queries), block):
+        scores = queries[s : s + block].astype(np.float32) @ x.T
+        top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
+        order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
+        out.append(np.take_along_axis(top, order, axis=1))
+    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
+
+
+def latency_ms(index, queries: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Single-query search latency percentiles in milliseconds."""
+    times = []
+    for q in np.ascontiguousarray(queries, dtype=np.float32):
+        t = time.perf_counter()
+        index.search(q[None, :], k)
+        times.append((time.perf_counter() - t) * 1000)
+    p50, p95, p99 = np.percentile(times, [50, 95, 99]) if times else (0.0, 0.0, 0.0)
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "n": len(times)}

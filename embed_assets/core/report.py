@@ -1,0 +1,114 @@
+"""The retrieval-eval report: labelled-query metrics, ANN recall vs exact search, latency, neighbour smoke test."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embed_assets.core.atomic import atomic_write_json, atomic_write_text
+from embed_assets.core.beir import load_qrels, load_queries
+from embed_assets.core.encoder import Encoder
+from embed_assets.core.index import load_index
+from embed_assets.core.layout import Layout
+from embed_assets.core.metrics import ann_recall_at_k, evaluate_run, exact_top_k, latency_ms
+
+
+def _titles(layout: Layout) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(layout.items_parquet, columns=["item_id", "title"])
+    return dict(zip(t.column("item_id").to_pylist(), t.column("title").to_pylist()))
+
+
+def evaluate(
+    layout: Layout,
+    encoder: Encoder,
+    queries_path: str | Path | None = None,
+    qrels_path: str | Path | None = None,
+    n_ann_sample: int = 1000,
+    n_latency: int = 200,
+    n_smoke: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    index, ids, manifest = load_index(layout)
+    n = int(index.ntotal)
+    rng = np.random.default_rng(seed)
+    vectors = index.reconstruct_n(0, n)
+
+    # ANN recall@10 against exact search on a sample of items (1.0 by construction for a flat index).
+    sample = np.sort(rng.choice(n, size=min(n_ann_sample, n), replace=False))
+    _, ann = index.search(vectors[sample], 10)
+    exact = exact_top_k(vectors, vectors[sample], 10)
+    report: dict[str, Any] = {
+        "n_items": n,
+        "index_kind": manifest.get("kind"),
+        "model_id": manifest.get("version", {}).get("model_id"),
+        "model_revision": manifest.get("version", {}).get("model_revision"),
+        "ann_recall_at_10": ann_recall_at_k(ann, exact, 10),
+        "ann_sample": int(len(sample)),
+        "n_queries": 0,
+        "ndcg_at_10": None,
+        "recall_at_10": None,
+        "recall_at_100": None,
+        "mrr_at_10": None,
+    }
+
+    query_vecs = vectors[sample]
+    if queries_path and qrels_path:
+        qrels = load_qrels(qrels_path)
+        queries = load_queries(queries_path, only=set(qrels))
+        qids = sorted(queries)
+        qv, _ = encoder.encode([queries[q] for q in qids])
+        _, top = index.search(np.ascontiguousarray(qv, dtype=np.float32), min(100, n))
+        run = {q: [ids[j] for j in row if j >= 0] for q, row in zip(qids, top)}
+        report.update(evaluate_run(run, qrels))
+        report["queries_path"], report["qrels_path"] = str(queries_path), str(qrels_path)
+        query_vecs = qv
+
+    report["latency_ms"] = latency_ms(index, query_vecs[:n_latency], k=10)
+
+    titles = _titles(layout)
+    smoke = []
+    for i in rng.choice(n, size=min(n_smoke, n), replace=False):
+        _, nb = index.search(vectors[i : i + 1], 6)
+        neighbours = [ids[j] for j in nb[0] if j >= 0 and j != i][:5]
+        smoke.append({"item_id": ids[i], "title": titles.get(ids[i], ""),
+                      "neighbours": [{"item_id": j, "title": titles.get(j, "")} for j in neighbours]})
+    report["smoke_test"] = smoke
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else (f"{v:.5f}" if isinstance(v, float) else str(v))
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = ["# Retrieval evaluation", "",
+             f"Model `{report.get('model_id')}` (revision `{report.get('model_revision')}`), "
+             f"{report['n_items']:,} items, index `{report.get('index_kind')}`.", "",
+             "| metric | value |", "|---|---|"]
+    for k in ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10", "ann_recall_at_10", "n_queries", "n_items"):
+        lines.append(f"| {k} | {_fmt(report.get(k))} |")
+    lat = report["latency_ms"]
+    lines += ["", f"Query latency (single query, top-10): p50 {lat['p50']:.3f} ms, p95 {lat['p95']:.3f} ms, "
+                  f"p99 {lat['p99']:.3f} ms over {lat['n']} queries.", "", "## Nearest neighbours (smoke test)", ""]
+    for s in report["smoke_test"]:
+        lines.append(f"- **{s['title'][:100]}** (`{s['item_id']}`)")
+        for nb in s["neighbours"]:
+            lines.append(f"  - {nb['title'][:100]} (`{nb['item_id']}`)")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(layout: Layout, report: dict[str, Any]) -> None:
+    atomic_write_json(layout.report_json, report)
+    atomic_write_text(layout.report_md, to_markdown(report))
+
+
+def read_report(layout: Layout) -> dict[str, Any]:
+    return json.loads(layout.report_json.read_text("utf-8"))

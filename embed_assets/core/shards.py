@@ -1,0 +1,256 @@
+"""Embedding shards on disk, in the seed notebook's format, plus the manifest that makes a shard trusted.
+
+A shard is three files, written in this order, each atomically:
+  shard_NNNNN.pt             {"item_id": list[str], "embeddings": float16 tensor n x dim}  (torch.load(weights_only=True))
+  shard_NNNNN.items.parquet  item_id, row, text_hash      (what the catalog ingests, and item-level re-use reads)
+  shard_NNNNN.manifest.json  partition, fingerprint, version, rows, norm stats, sha256 of both files above
+The manifest comes last: a shard without a manifest, or whose checksums disagree with it, is never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from embed_assets.core.atomic import atomic_write, atomic_write_json, sha256_file
+from embed_assets.core.layout import Layout
+
+NORM_TOLERANCE = 5e-3  # the seed notebook's sanity cell
+
+
+class ShardError(RuntimeError):
+    """A shard that is missing, corrupt or disagrees with its manifest: rebuild its partition."""
+
+
+@dataclass
+class ShardManifest:
+    partition: str
+    row_group: int
+    fingerprint: str  # row-group content + embedding version: equal fingerprint => identical shard
+    rows_fingerprint: str  # row-group content only
+    n_rows: int
+    dim: int
+    dtype: str
+    model_id: str
+    model_revision: str
+    max_seq_length: int
+    chunking: bool
+    shard_file: str
+    shard_sha256: str
+    shard_bytes: int
+    items_file: str
+    items_sha256: str
+    norms: dict[str, float]
+    n_encoded: int = 0
+    n_reused: int = 0
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def version(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "model_revision": self.model_revision,
+                "max_seq_length": self.max_seq_length, "dim": self.dim, "chunking": self.chunking}
+
+    @classmethod
+    def read(cls, path: Path) -> "ShardManifest":
+        data = json.loads(path.read_text("utf-8"))
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def write(self, path: Path) -> None:
+        atomic_write_json(path, asdict(self))
+
+
+def embedding_fingerprint(rows_fingerprint: str, version: dict[str, Any]) -> str:
+    import hashlib
+
+    blob = json.dumps({"rows": rows_fingerprint, **version}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def norm_stats(emb: np.ndarray, tol: float = NORM_TOLERANCE) -> dict[str, float]:
+    if len(emb) == 0:
+        return {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0, "frac_outside_tol": 0.0}
+    norms = np.linalg.norm(emb.astype(np.float32), axis=1)
+    finite = np.isfinite(norms)
+    return {
+        "mean": float(norms[finite].mean()) if finite.any() else float("nan"),
+        "std": float(norms[finite].std()) if finite.any() else float("nan"),
+        "min": float(norms.min()),
+        "max": float(norms.max()),
+        "frac_outside_tol": float(np.mean(~finite | (np.abs(norms - 1.0) > tol))),
+    }
+
+
+def write_shard_pt(path: Path, item_ids: Sequence[str], emb: np.ndarray) -> None:
+    import torch
+
+    payload = {"item_id": list(item_ids), "embeddings": torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float16))}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _load_pt(source) -> tuple[list[str], np.ndarray]:
+    import torch
+
+    data = torch.load(source, weights_only=True, map_location="cpu")
+    return list(data["item_id"]), data["embeddings"].numpy()
+
+
+def load_shard_pt(path: Path) -> tuple[list[str], np.ndarray]:
+    """Load a shard exactly as the seed's next notebook does, returning ids and fp16 vectors."""
+    try:
+        return _load_pt(path)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard file is missing; re-materialize its partition") from None
+    except Exception as e:
+        raise ShardError(f"{path}: unreadable shard ({type(e).__name__}: {e}); re-materialize its partition") from e
+
+
+def write_shard_items(path: Path, item_ids: Sequence[str], text_hashes: Sequence[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"item_id": pa.array(list(item_ids), pa.string()),
+                      "row": pa.array(np.arange(len(item_ids)), pa.int64()),
+                      "text_hash": pa.array(list(text_hashes), pa.string())})
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def write_shard(layout: Layout, manifest: ShardManifest, item_ids: Sequence[str], text_hashes: Sequence[str],
+                emb_fp16: np.ndarray) -> ShardManifest:
+    """Write .pt, items sidecar, then the manifest that vouches for both."""
+    key = manifest.partition
+    pt, items = layout.shard_pt(key), layout.shard_items(key)
+    write_shard_pt(pt, item_ids, emb_fp16)
+    write_shard_items(items, item_ids, text_hashes)
+    manifest.shard_file = pt.name
+    manifest.shard_sha256 = sha256_file(pt)
+    manifest.shard_bytes = pt.stat().st_size
+    manifest.items_file = items.name
+    manifest.items_sha256 = sha256_file(items)
+    manifest.write(layout.shard_manifest(key))
+    return manifest
+
+
+def read_manifest(layout: Layout, key: str) -> ShardManifest | None:
+    path = layout.shard_manifest(key)
+    if not path.exists():
+        return None
+    try:
+        return ShardManifest.read(path)
+    except Exception as e:
+        raise ShardError(f"{path}: unreadable manifest ({e}); re-materialize partition {key}") from e
+
+
+def list_manifests(layout: Layout) -> list[ShardManifest]:
+    return [ShardManifest.read(p) for p in sorted(layout.embeddings_dir.glob("shard_*.manifest.json"))]
+
+
+def verify_files(layout: Layout, m: ShardManifest) -> list[str]:
+    """Problems with a shard's files against its manifest (empty list: the files are what the manifest says)."""
+    problems = []
+    for name, expected in ((m.shard_file, m.shard_sha256), (m.items_file, m.items_sha256)):
+        path = layout.embeddings_dir / name
+        if not path.exists():
+            problems.append(f"{name} is missing")
+        elif sha256_file(path) != expected:
+            problems.append(f"{name} checksum mismatch (file changed or corrupt)")
+    return problems
+
+
+def read_verified_bytes(path: Path, sha256: str, partition: str) -> bytes:
+    """Read a file once and check its bytes: what is parsed is exactly what was hashed (no race with a rewrite)."""
+    import hashlib
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ShardError(f"shard {partition}: {path.name} is missing; re-materialize partition {partition}") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ShardError(f"shard {partition}: {path.name} checksum mismatch (changed or corrupt); "
+                         f"re-materialize partition {partition}")
+    return data
+
+
+def load_verified(layout: Layout, m: ShardManifest) -> tuple[list[str], np.ndarray]:
+    """A shard's ids and fp16 vectors, only if the file is byte for byte what its manifest vouches for."""
+    import io
+
+    data = read_verified_bytes(layout.embeddings_dir / m.shard_file, m.shard_sha256, m.partition)
+    try:
+        return _load_pt(io.BytesIO(data))
+    except Exception as e:
+        raise ShardError(f"shard {m.partition}: unreadable ({e}); re-materialize partition {m.partition}") from e
+
+
+def load_verified_items(layout: Layout, m: ShardManifest):
+    """The shard's items sidecar (item_id, row, text_hash) as a pyarrow table, checksum verified."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    data = read_verified_bytes(layout.embeddings_dir / m.items_file, m.items_sha256, m.partition)
+    return pq.read_table(io.BytesIO(data))
+
+
+def validate_shard(ids: Sequence[str], emb: np.ndarray, expected_rows: int, dim: int,
+                   tol: float = NORM_TOLERANCE) -> tuple[list[str], dict[str, float]]:
+    """The norm check's rules, pure: unit norm within tol, dim, finite, unique ids, row count."""
+    problems = []
+    stats = norm_stats(emb, tol)
+    if emb.ndim != 2 or emb.shape[1] != dim:
+        problems.append(f"shape {tuple(emb.shape)}, expected (n, {dim})")
+    if len(ids) != len(emb):
+        problems.append(f"{len(ids)} ids but {len(emb)} vectors")
+    if len(ids) != expected_rows:
+        problems.append(f"{len(ids)} rows, expected {expected_rows} (the row group's non-empty texts)")
+    n_nonfinite = int((~np.isfinite(emb.astype(np.float32))).any(axis=1).sum()) if emb.size else 0
+    if n_nonfinite:
+        problems.append(f"{n_nonfinite} vectors hold NaN or inf")
+    n_dup = len(ids) - len(set(ids))
+    if n_dup:
+        problems.append(f"{n_dup} duplicated item ids")
+    if stats["frac_outside_tol"] > 0:
+        problems.append(f"{stats['frac_outside_tol']:.2%} of norms are outside 1 ± {tol:g} "
+                        f"(min {stats['min']:.5f}, max {stats['max']:.5f})")
+    return problems, stats
+
+
+def remove_shard(layout: Layout, key: str) -> bool:
+    """Delete a partition's shard files; the manifest goes first so nothing trusts a half-deleted shard."""
+    removed = False
+    for path in (layout.shard_manifest(key), layout.shard_pt(key), layout.shard_items(key)):
+        try:
+            path.unlink()
+            removed = True
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def summarize_norms(layout: Layout, partitions: Sequence[str], tol: float = NORM_TOLERANCE) -> dict[str, Any]:
+    """Norm statistics over all shards, as the seed's sanity cell printed them, plus one row per shard."""
+    per_shard, all_norms = [], []
+    for key in partitions:
+        m = read_manifest(layout, key)
+        if m is None:
+            raise ShardError(f"partition {key} has no shard yet; materialize item_embeddings for it")
+        _, emb = load_verified(layout, m)
+        norms = np.linalg.norm(emb.astype(np.float32), axis=1)
+        all_norms.append(norms)
+        per_shard.append({"partition": key, "rows": len(emb), **norm_stats(emb, tol)})
+    norms = np.concatenate(all_norms) if all_norms else np.zeros(0, dtype=np.float32)
+    finite = np.isfinite(norms)
+    overall = {
+        "n_vectors": int(len(norms)),
+        "mean": float(norms[finite].mean()) if finite.any() else 0.0,
+        "std": float(norms[finite].std()) if finite.any() else 0.0,
+        "min": float(norms.min()) if len(norms) else 0.0,
+        "max": float(norms.max()) if len(norms) else 0.0,
+        "frac_outside_tol": float(np.mean(~finite | (np.abs(norms - 1) > tol))) if len(norms) else 0.0,
+        "tolerance": tol,
+    }
+    return {"overall": overall, "shards": per_shard}

@@ -1,0 +1,42 @@
+"""The one Definitions object: `dagster dev` (workspace.yaml) loads `defs`; the CLI and tests build their own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
+from embed_assets.defs.embeddings.checks import all_norms_within_tolerance, shard_norm_check
+from embed_assets.defs.evaluation.assets import retrieval_report
+from embed_assets.defs.evaluation.checks import retrieval_quality_check
+from embed_assets.defs.index.assets import faiss_index
+from embed_assets.defs.items.assets import processed_items
+from embed_assets.defs.jobs import JOBS
+from embed_assets.resources import EncoderResource, EvalSettings, HomeResource, ItemSource, QualityThresholds
+from embed_assets.settings import Settings
+
+ASSETS = [processed_items, item_embeddings, embedding_norms, faiss_index, retrieval_report]
+CHECKS = [shard_norm_check, all_norms_within_tolerance, retrieval_quality_check]
+
+
+def build_resources(s: Settings) -> dict[str, dg.ConfigurableResource]:
+    thresholds = {k: v for k, v in {
+        "norm_tolerance": s.norm_tolerance, "min_ndcg_at_10": s.min_ndcg_at_10,
+        "min_recall_at_100": s.min_recall_at_100, "min_ann_recall_at_10": s.min_ann_recall_at_10,
+    }.items() if v is not None}
+    return {
+        "home": HomeResource(path=str(Path(s.home).resolve())),
+        "items": ItemSource(paths=[str(Path(p).resolve()) for p in s.items], id_field=s.id_field,
+                            text_fields=s.text_fields, row_group_size=s.row_group_size),
+        "encoder": EncoderResource(chunking=s.chunking, device=s.device),
+        "retrieval": EvalSettings(queries_path=s.queries, qrels_path=s.qrels, index_kind=s.index_kind),
+        "thresholds": QualityThresholds(**thresholds),
+    }
+
+
+def build_definitions(s: Settings) -> dg.Definitions:
+    return dg.Definitions(assets=ASSETS, asset_checks=CHECKS, jobs=JOBS, resources=build_resources(s))
+
+
+defs = build_definitions(Settings.from_env())

@@ -1,0 +1,87 @@
+import dagster as dg
+
+from embed_assets.core.items import ItemsError, load_row_groups
+from embed_assets.core.embed import embed_partition
+from embed_assets.core.atomic import atomic_write_json
+from embed_assets.core.shards import ShardError, summarize_norms
+from embed_assets.defs.embeddings.partitions import row_group_partitions
+from embed_assets.defs.items.assets import processed_items
+from embed_assets.defs.metadata import md_table, norms_metadata
+from embed_assets.resources import EncoderResource, HomeResource, QualityThresholds
+
+
+@dg.asset(
+    partitions_def=row_group_partitions,
+    deps=[processed_items],
+    group_name="embeddings",
+    kinds={"pytorch"},
+    # A row group (200,000 rows by default) is tens of minutes of encoding: one run per partition keeps a
+    # failed partition retryable alone and lets backfill runs go in parallel.
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+)
+def item_embeddings(context: dg.AssetExecutionContext, home: HomeResource, encoder: EncoderResource) -> dg.MaterializeResult:
+    """One shard of unit-length all-MiniLM-L6-v2 vectors (384-d, fp16) per row group of processed items:
+    `embeddings/shard_NNNNN.pt`, loadable with `torch.load(path, weights_only=True)`."""
+    key = context.partition_key
+    try:
+        out = embed_partition(home.layout, key, encoder.encoder, say=context.log.info, reuse=encoder.reuse)
+    except (ItemsError, ShardError) as e:
+        raise dg.Failure(description=str(e)) from e
+    m, s = out.manifest, out.stats
+    return dg.MaterializeResult(
+        metadata={
+            "rows": m.n_rows,
+            "n_encoded": out.n_encoded,
+            "n_reused": out.n_reused,
+            "skipped_unchanged": out.skipped,
+            "n_unique_texts_encoded": s.n_unique,
+            "n_truncated_texts": s.n_truncated,
+            "n_chunked_texts": s.n_chunked,
+            "items_per_s": round(s.items_per_s, 2),
+            "tokens_per_s": round(s.tokens_per_s, 1),
+            "encode_seconds": round(s.seconds, 3),
+            "seconds": round(out.seconds, 3),
+            "padding_overhead": round(s.n_padded_tokens / s.n_tokens - 1, 4) if s.n_tokens else 0.0,
+            "model_id": m.model_id,
+            "model_revision": m.model_revision,
+            "max_seq_length": m.max_seq_length,
+            "dim": m.dim,
+            "dtype": m.dtype,
+            "fingerprint": m.fingerprint,
+            "cataloged": out.cataloged,
+            "path": dg.MetadataValue.path(str(home.layout.shard_pt(key))),
+            "sha256": m.shard_sha256,
+            "bytes": m.shard_bytes,
+            **norms_metadata(m.norms),
+        },
+        data_version=dg.DataVersion(m.fingerprint),
+    )
+
+
+@dg.asset(deps=[item_embeddings], group_name="embeddings", kinds={"numpy"})
+def embedding_norms(context: dg.AssetExecutionContext, home: HomeResource,
+                    thresholds: QualityThresholds) -> dg.MaterializeResult:
+    """Norm statistics over every current shard (mean, std, min, max, fraction outside the tolerance), with one
+    row per shard: the seed notebook's sanity cell, kept as a report."""
+    layout = home.layout
+    try:
+        keys = [rg["partition"] for rg in load_row_groups(layout)]
+        summary = summarize_norms(layout, keys, thresholds.norm_tolerance)
+    except (ItemsError, ShardError) as e:
+        raise dg.Failure(description=str(e)) from e
+    atomic_write_json(layout.norms_json, summary)
+    o = summary["overall"]
+    context.log.info(f"norms over {o['n_vectors']:,} vectors: mean {o['mean']:.6f}, std {o['std']:.2e}, "
+                     f"min {o['min']:.6f}, max {o['max']:.6f}, outside ±{o['tolerance']:g}: {o['frac_outside_tol']:.4%}")
+    return dg.MaterializeResult(
+        metadata={
+            "n_vectors": o["n_vectors"],
+            "n_shards": len(summary["shards"]),
+            **norms_metadata({k: o[k] for k in ("mean", "std", "min", "max", "frac_outside_tol")}),
+            "tolerance": o["tolerance"],
+            "shards": md_table(["partition", "rows", "mean", "std", "min", "max", "outside tol"],
+                               [(s["partition"], s["rows"], s["mean"], s["std"], s["min"], s["max"],
+                                 s["frac_outside_tol"]) for s in summary["shards"][:100]]),
+            "path": dg.MetadataValue.path(str(layout.norms_json)),
+        }
+    )

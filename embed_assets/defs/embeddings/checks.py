@@ -1,0 +1,55 @@
+import json
+import warnings
+
+import dagster as dg
+
+from embed_assets.core.items import ItemsError, load_row_groups
+from embed_assets.core.shards import ShardError, load_verified, read_manifest, validate_shard
+from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
+from embed_assets.defs.embeddings.partitions import row_group_partitions
+from embed_assets.resources import HomeResource, QualityThresholds
+
+
+# Partitioned asset checks are a preview feature of dagster 1.13 (hence the pin); we rely on it knowingly.
+warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*", category=dg.PreviewWarning)
+
+
+@dg.asset_check(asset=item_embeddings, partitions_def=row_group_partitions, blocking=True)
+def shard_norm_check(context: dg.AssetCheckExecutionContext, home: HomeResource,
+                     thresholds: QualityThresholds) -> dg.AssetCheckResult:
+    """Every vector of the shard has unit norm (within the tolerance, 5e-3 by default), 384 finite dims, ids are
+    unique, and the shard holds exactly the row group's items. Blocking: a failing shard never reaches the index."""
+    layout = home.layout
+    key = context.partition_key
+    try:
+        m = read_manifest(layout, key)
+        if m is None:
+            raise ShardError(f"partition {key} has no shard manifest; re-materialize it")
+        ids, emb = load_verified(layout, m)
+        expected = next((rg["n_rows"] for rg in load_row_groups(layout) if rg["partition"] == key), None)
+        if expected is None:
+            raise ShardError(f"partition {key} is not a row group of processed_items any more")
+    except (ShardError, ItemsError) as e:
+        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                                   metadata={"problems": str(e)})
+    problems, stats = validate_shard(ids, emb, expected, m.dim, thresholds.norm_tolerance)
+    if problems:
+        context.log.error(f"{key}: " + "; ".join(problems))
+    return dg.AssetCheckResult(
+        passed=not problems,
+        metadata={"problems": "; ".join(problems) or "none", "rows": len(ids), "expected_rows": expected,
+                  "tolerance": thresholds.norm_tolerance,
+                  **{f"norm_{k}": float(v) for k, v in stats.items()}},
+    )
+
+
+@dg.asset_check(asset=embedding_norms, blocking=True)
+def all_norms_within_tolerance(home: HomeResource) -> dg.AssetCheckResult:
+    """No vector in any shard is outside the norm tolerance. Blocking: the index is built only over unit vectors."""
+    summary = json.loads(home.layout.norms_json.read_text("utf-8"))
+    o = summary["overall"]
+    bad = [s["partition"] for s in summary["shards"] if s["frac_outside_tol"] > 0]
+    return dg.AssetCheckResult(
+        passed=not bad,
+        metadata={"frac_outside_tol": o["frac_outside_tol"], "failing_partitions": ", ".join(bad) or "none"},
+    )

@@ -1,0 +1,19 @@
+import dagster as dg
+
+from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
+from embed_assets.defs.embeddings.partitions import row_group_partitions
+from embed_assets.defs.evaluation.assets import retrieval_report
+from embed_assets.defs.index.assets import faiss_index
+from embed_assets.defs.items.assets import processed_items
+
+# The graph in three steps, because a run covers one partition of item_embeddings at most:
+# items (adds the partitions) -> one run per row group -> norms, index and report over all shards.
+process_items_job = dg.define_asset_job("process_items_job", selection=dg.AssetSelection.assets(processed_items))
+embed_shards_job = dg.define_asset_job(
+    "embed_shards_job", selection=dg.AssetSelection.assets(item_embeddings), partitions_def=row_group_partitions
+)
+index_and_report_job = dg.define_asset_job(
+    "index_and_report_job", selection=dg.AssetSelection.assets(embedding_norms, faiss_index, retrieval_report)
+)
+
+JOBS = [process_items_job, embed_shards_job, index_and_report_job]

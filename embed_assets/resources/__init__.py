@@ -1,0 +1,8 @@
+"""Small typed resources: where HOME is, what the raw items are, how to encode, how to evaluate."""
+
+from embed_assets.resources.encoder import EncoderResource
+from embed_assets.resources.evaluation import EvalSettings, QualityThresholds
+from embed_assets.resources.home import HomeResource
+from embed_assets.resources.items import ItemSource
+
+__all__ = ["EncoderResource", "EvalSettings", "HomeResource", "ItemSource", "QualityThresholds"]

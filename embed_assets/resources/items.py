@@ -1,0 +1,25 @@
+from typing import List, Optional
+
+import dagster as dg
+
+from embed_assets.core.items import Limits
+
+
+class ItemSource(dg.ConfigurableResource):
+    """Where the raw items are (files or folders; folders are what the sensor watches) and how to read them."""
+
+    paths: List[str]
+    id_field: str = "_id"
+    text_fields: List[str] = ["title", "text"]
+    title_field: Optional[str] = None
+    # Rows per row group of items.parquet = rows per embedding partition (the seed used 200,000).
+    row_group_size: int = 200_000
+    max_id_chars: int = Limits.max_id_chars
+    max_text_chars: int = Limits.max_text_chars
+    max_file_bytes: int = Limits.max_file_bytes
+    max_rows_per_file: int = Limits.max_rows_per_file
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_file_bytes=self.max_file_bytes, max_rows_per_file=self.max_rows_per_file,
+                      max_id_chars=self.max_id_chars, max_text_chars=self.max_text_chars)

@@ -1,0 +1,57 @@
+"""Shared fixtures. Tests use the bundled SciFact sample or data they make, never ../shared."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from embed_assets.settings import SAMPLE_CORPUS, SAMPLE_QRELS, SAMPLE_QUERIES, Settings
+
+
+def sample_docs(n: int, start: int = 0) -> list[dict]:
+    out = []
+    with gzip.open(SAMPLE_CORPUS, "rt", encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if i >= start + n:
+                break
+            if i >= start:
+                out.append(json.loads(line))
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """One real all-MiniLM-L6-v2 encoder per test session (the model loads once)."""
+    from embed_assets.core.encoder import Encoder
+
+    return Encoder()
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    """120 real SciFact documents: with row groups of 30, four partitions."""
+    return write_jsonl(tmp_path / "raw" / "corpus.jsonl", sample_docs(120))
+
+
+@pytest.fixture
+def settings(tmp_path: Path, small_corpus: Path) -> Settings:
+    return Settings(home=str(tmp_path / "home"), items=[str(small_corpus)], row_group_size=30,
+                    queries=str(SAMPLE_QUERIES), qrels=str(SAMPLE_QRELS), min_recall_at_100=0.0)
+
+
+@pytest.fixture
+def dagster_home(tmp_path: Path, monkeypatch) -> Path:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home

@@ -1,0 +1,105 @@
+"""Shard I/O, the DuckDB catalog and the FAISS index on real vectors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from embed_assets.core import catalog
+from embed_assets.core.embed import embed_partition
+from embed_assets.core.index import IndexBuildError, build_from_shards, load_index
+from embed_assets.core.items import process_items
+from embed_assets.core.layout import Layout
+from embed_assets.core.shards import ShardError, load_verified, read_manifest, validate_shard
+
+
+@pytest.fixture
+def built(tmp_path, small_corpus, encoder):
+    layout = Layout.at(tmp_path / "home")
+    _, groups = process_items(layout, [small_corpus], "_id", ["title", "text"], row_group_size=40)
+    outcomes = [embed_partition(layout, g["partition"], encoder) for g in groups]
+    return layout, groups, outcomes
+
+
+def test_shard_is_the_seed_format_and_passes_validation(built):
+    layout, groups, outcomes = built
+    assert [o.n_encoded for o in outcomes] == [40, 40, 40]
+    data = torch.load(layout.embeddings_dir / "shard_00000.pt", weights_only=True)  # the seed's loader
+    assert set(data) == {"item_id", "embeddings"}
+    assert isinstance(data["item_id"], list) and isinstance(data["item_id"][0], str)
+    assert data["embeddings"].dtype == torch.float16 and tuple(data["embeddings"].shape) == (40, 384)
+    problems, stats = validate_shard(data["item_id"], data["embeddings"].numpy(), 40, 384)
+    assert problems == [] and abs(stats["mean"] - 1) < 1e-3
+
+
+def test_validate_shard_catches_each_problem():
+    emb = np.ones((3, 384), dtype=np.float16) / np.sqrt(384)
+    emb[1] *= 2
+    emb[2, 0] = np.nan
+    problems, _ = validate_shard(["a", "a", "b"], emb, 4, 384)
+    text = " | ".join(problems)
+    for needle in ("3 rows, expected 4", "NaN or inf", "1 duplicated item ids", "outside 1 ±"):
+        assert needle in text
+
+
+def test_catalog_tracks_every_shard_and_item(built):
+    layout, groups, _ = built
+    rows = catalog.query(layout, "SELECT partition, rows, dim, dtype, model_id FROM shards ORDER BY partition")
+    assert rows == [(g["partition"], 40, 384, "float16", "sentence-transformers/all-MiniLM-L6-v2") for g in groups]
+    assert catalog.query(layout, "SELECT count(*), count(DISTINCT item_id) FROM items") == [(120, 120)]
+    assert catalog.sync(layout)["added"] == []  # already in sync
+
+
+def test_rerun_changes_nothing(built, encoder):
+    layout, groups, _ = built
+    before = {p: p.stat().st_mtime_ns for p in layout.embeddings_dir.iterdir()}
+    out = embed_partition(layout, "rg_00001", encoder)
+    assert out.skipped and out.n_encoded == 0
+    assert {p: p.stat().st_mtime_ns for p in layout.embeddings_dir.iterdir()} == before
+
+
+def test_corrupt_shard_is_detected_not_used_and_rebuilt(built, encoder):
+    layout, groups, _ = built
+    pt = layout.shard_pt("rg_00002")
+    good = read_manifest(layout, "rg_00002")
+    raw = bytearray(pt.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    pt.write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match="checksum mismatch"):
+        load_verified(layout, good)
+    with pytest.raises(IndexBuildError, match="rg_00002: shard files do not match"):
+        build_from_shards(layout, groups)
+    assert catalog.query(layout, "SELECT count(*) FROM shards WHERE partition = 'rg_00002'") == [(0,)]
+    out = embed_partition(layout, "rg_00002", encoder)
+    assert not out.skipped and out.n_reused == 0  # its own corrupt vectors are never re-used
+    manifest = build_from_shards(layout, groups)
+    assert manifest["n_items"] == 120
+
+
+def test_index_is_exact_and_saved_with_its_ids(built):
+    layout, groups, _ = built
+    build_from_shards(layout, groups)
+    index, ids, manifest = load_index(layout)
+    assert index.ntotal == 120 and len(ids) == 120 == len(set(ids))
+    _, emb = load_verified(layout, read_manifest(layout, "rg_00000"))
+    _, top = index.search(emb[:3].astype(np.float32), 1)
+    assert [ids[i] for i in top[:, 0]] == torch.load(layout.shard_pt("rg_00000"), weights_only=True)["item_id"][:3]
+    assert manifest["faiss_type"] == "IndexFlatIP"
+    layout.index_ids.write_bytes(layout.index_ids.read_bytes() + b"x")
+    with pytest.raises(Exception, match="does not match"):
+        load_index(layout)
+
+
+def test_index_refuses_stale_shards_and_mixed_versions(built, tmp_path):
+    layout, groups, _ = built
+    stale = [dict(g) for g in groups]
+    stale[0]["fingerprint"] = "different"
+    with pytest.raises(IndexBuildError, match="rg_00000: shard is stale"):
+        build_from_shards(layout, stale)
+    mpath = layout.shard_manifest("rg_00001")
+    m = json.loads(mpath.read_text())
+    m["model_revision"] = "other"
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(IndexBuildError, match="2 embedding versions would mix"):
+        build_from_shards(layout, groups)
