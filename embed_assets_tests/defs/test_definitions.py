@@ -1,0 +1,36 @@
+import subprocess
+import sys
+
+import dagster as dg
+
+
+def test_defs_load_with_the_whole_graph():
+    from embed_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert keys == {"processed_items", "item_embeddings", "embedding_norms", "faiss_index", "retrieval_report"}
+    checks = {c.name for c in graph.asset_check_keys}
+    assert checks == {"shard_norm_check", "all_norms_within_tolerance", "retrieval_quality_check"}
+    for job in ("process_items_job", "embed_shards_job", "index_and_report_job"):
+        assert defs.resolve_job_def(job) is not None
+    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
+               for k in graph.get_all_asset_keys()}
+    assert parents["item_embeddings"] == {"processed_items"}
+    assert parents["faiss_index"] == {"item_embeddings", "embedding_norms"}
+    assert parents["retrieval_report"] == {"faiss_index"}
+    assert graph.get(dg.AssetKey("item_embeddings")).partitions_def.name == "row_groups"
+
+
+def test_loading_the_code_location_imports_no_torch_faiss_or_sentence_transformers():
+    code = ("import sys, embed_assets.definitions; "
+            "print(sorted(m for m in ('torch', 'faiss', 'sentence_transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_workspace_yaml_points_at_the_definitions_module():
+    import pathlib
+
+    text = (pathlib.Path(__file__).parents[2] / "workspace.yaml").read_text()
+    assert "module_name: embed_assets.definitions" in text

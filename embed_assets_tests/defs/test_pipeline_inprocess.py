@@ -1,0 +1,100 @@
+"""Real in-process Dagster materializations of the whole graph on real SciFact text."""
+
+import json
+
+import dagster as dg
+import torch
+
+from embed_assets.core import catalog
+from embed_assets.core.layout import Layout
+from embed_assets.definitions import ASSETS, CHECKS, build_definitions, build_resources
+from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
+from embed_assets.defs.embeddings.checks import shard_norm_check
+from embed_assets.defs.index.assets import faiss_index
+from embed_assets.defs.items.assets import processed_items
+
+
+def _run_all(defs, instance, keys):
+    results = [defs.resolve_job_def("embed_shards_job").execute_in_process(instance=instance, partition_key=k)
+               for k in keys]
+    results.append(defs.resolve_job_def("index_and_report_job").execute_in_process(instance=instance))
+    return results
+
+
+def test_graph_end_to_end_with_a_partition_per_row_group(settings):
+    defs = build_definitions(settings)
+    instance = dg.DagsterInstance.ephemeral()
+    res = defs.resolve_job_def("process_items_job").execute_in_process(instance=instance)
+    keys = instance.get_dynamic_partitions("row_groups")
+    assert keys == ["rg_00000", "rg_00001", "rg_00002", "rg_00003"]
+    meta = res.asset_materializations_for_node("processed_items")[0].metadata
+    assert meta["n_items"].value == 120 and meta["n_row_groups"].value == 4
+
+    results = _run_all(defs, instance, keys)
+    evals = [e for r in results for e in r.get_asset_check_evaluations()]
+    assert sorted((e.check_name, e.passed) for e in evals if e.check_name == "shard_norm_check") == \
+        [("shard_norm_check", True)] * 4
+    assert all(e.passed for e in evals)
+    emb_meta = results[0].asset_materializations_for_node("item_embeddings")[0].metadata
+    assert emb_meta["rows"].value == 30 and emb_meta["n_encoded"].value == 30
+    assert emb_meta["items_per_s"].value > 0 and emb_meta["model_revision"].value.endswith("53aa51172d14")
+
+    layout = Layout.at(settings.home)
+    # the seed's next notebook reads every shard unchanged
+    shards = sorted(layout.embeddings_dir.glob("shard_*.pt"))
+    assert len(shards) == 4
+    ids = [i for p in shards for i in torch.load(p, weights_only=True)["item_id"]]
+    assert len(ids) == len(set(ids)) == 120
+    report = json.loads(layout.report_json.read_text())
+    for k in ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10", "ann_recall_at_10", "n_items",
+              "n_queries", "latency_ms"):
+        assert k in report
+    assert report["n_items"] == 120 and report["ann_recall_at_10"] == 1.0
+    assert set(report["latency_ms"]) >= {"p50", "p95", "p99"}
+    assert len(report["smoke_test"]) == 5 and all(len(s["neighbours"]) == 5 for s in report["smoke_test"])
+    assert layout.report_md.read_text().startswith("# Retrieval evaluation")
+    assert catalog.query(layout, "SELECT count(*) FROM shards") == [(4,)]
+
+    # A re-run of a finished partition changes nothing.
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in layout.embeddings_dir.iterdir()}
+    again = defs.resolve_job_def("embed_shards_job").execute_in_process(instance=instance, partition_key="rg_00002")
+    m = again.asset_materializations_for_node("item_embeddings")[0].metadata
+    assert m["skipped_unchanged"].value is True and m["n_encoded"].value == 0
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in layout.embeddings_dir.iterdir()} == before
+
+
+def test_failing_norm_check_blocks_the_index(settings):
+    settings.norm_tolerance = 1e-9  # fp16 storage alone moves norms by ~1e-4: every shard fails
+    resources = build_resources(settings)
+    instance = dg.DagsterInstance.ephemeral()
+    dg.materialize([processed_items], resources=resources, instance=instance)
+    result = dg.materialize(
+        [*ASSETS, *CHECKS],
+        selection=[item_embeddings, embedding_norms, faiss_index],
+        partition_key="rg_00000",
+        resources=resources,
+        instance=instance,
+        raise_on_error=False,
+    )
+    evals = result.get_asset_check_evaluations()
+    assert [(e.check_name, e.passed, e.partition) for e in evals] == [("shard_norm_check", False, "rg_00000")]
+    assert "outside 1 ± 1e-09" in evals[0].metadata["problems"].value
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert materialized == {"item_embeddings"}
+    assert not Layout.at(settings.home).index_file.exists()
+
+
+def test_norm_summary_check_blocks_the_index_in_the_unpartitioned_run(settings):
+    defs = build_definitions(settings)
+    instance = dg.DagsterInstance.ephemeral()
+    defs.resolve_job_def("process_items_job").execute_in_process(instance=instance)
+    for k in instance.get_dynamic_partitions("row_groups"):
+        defs.resolve_job_def("embed_shards_job").execute_in_process(instance=instance, partition_key=k)
+    settings.norm_tolerance = 1e-9
+    strict = build_definitions(settings)
+    res = strict.resolve_job_def("index_and_report_job").execute_in_process(instance=instance, raise_on_error=False)
+    assert not res.success
+    assert [(e.check_name, e.passed) for e in res.get_asset_check_evaluations()] == \
+        [("all_norms_within_tolerance", False)]
+    assert {e.asset_key.to_user_string() for e in res.get_asset_materialization_events()} == {"embedding_norms"}
+    assert not Layout.at(settings.home).index_file.exists()
