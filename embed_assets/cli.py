@@ -24,11 +24,17 @@ def _instance():
     return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
 
 
+# Dagster's console logger at INFO: the per-batch progress lines, without the engine's DEBUG chatter.
+RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
 def _failures(result) -> list[str]:
     msgs = []
     for ev in result.all_events:
         if ev.is_step_failure:
             err = ev.step_failure_data.error
+            if err and err.cls_name == "DagsterAssetCheckFailedError":
+                continue  # already reported as a failed check
             msgs.append(f"{ev.step_key}: {err.message.strip() if err else 'failed'}")
     return msgs
 
@@ -63,7 +69,8 @@ def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
     summary: dict[str, Any] = {"home": str(layout.home), "items": settings.items, "failures": [], "checks": []}
 
     log(f"[1/3] processed_items from {', '.join(settings.items)}")
-    res = defs.resolve_job_def("process_items_job").execute_in_process(instance=instance, raise_on_error=False)
+    res = defs.resolve_job_def("process_items_job").execute_in_process(instance=instance, raise_on_error=False,
+                                                                                 run_config=RUN_CONFIG)
     summary["failures"] += _failures(res)
     if not res.success:
         return _finish(layout, summary, t0, log)
@@ -79,7 +86,8 @@ def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
     n_encoded = n_reused = 0
     embed_job = defs.resolve_job_def("embed_shards_job")
     for i, key in enumerate(keys, 1):
-        res = embed_job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)
+        res = embed_job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False,
+                                           run_config=RUN_CONFIG)
         summary["failures"] += _failures(res)
         summary["checks"] += _checks(res)
         for m in _meta(res, "item_embeddings"):
@@ -93,7 +101,8 @@ def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
         return _finish(layout, summary, t0, log)
 
     log("[3/3] embedding_norms, faiss_index, retrieval_report")
-    res = defs.resolve_job_def("index_and_report_job").execute_in_process(instance=instance, raise_on_error=False)
+    res = defs.resolve_job_def("index_and_report_job").execute_in_process(instance=instance, raise_on_error=False,
+                                                                                 run_config=RUN_CONFIG)
     summary["failures"] += _failures(res)
     summary["checks"] += _checks(res)
     report = _meta(res, "retrieval_report")

@@ -40,3 +40,9 @@ def build_definitions(s: Settings) -> dg.Definitions:
 
 
 defs = build_definitions(Settings.from_env())
+
+
+def get_embed_shards_job() -> dg.JobDefinition:
+    """Out-of-process entry point (`dg.reconstructable`, multiprocess executor): the job built from the environment,
+    so every step process rebuilds the same definitions."""
+    return build_definitions(Settings.from_env()).resolve_job_def("embed_shards_job")
