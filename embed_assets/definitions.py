@@ -12,6 +12,7 @@ from embed_assets.defs.evaluation.assets import retrieval_report
 from embed_assets.defs.evaluation.checks import retrieval_quality_check
 from embed_assets.defs.index.assets import faiss_index
 from embed_assets.defs.items.assets import processed_items
+from embed_assets.defs.items.sensors import raw_items_sensor
 from embed_assets.defs.jobs import JOBS
 from embed_assets.resources import EncoderResource, EvalSettings, HomeResource, ItemSource, QualityThresholds
 from embed_assets.settings import Settings
@@ -36,7 +37,8 @@ def build_resources(s: Settings) -> dict[str, dg.ConfigurableResource]:
 
 
 def build_definitions(s: Settings) -> dg.Definitions:
-    return dg.Definitions(assets=ASSETS, asset_checks=CHECKS, jobs=JOBS, resources=build_resources(s))
+    return dg.Definitions(assets=ASSETS, asset_checks=CHECKS, jobs=JOBS, sensors=[raw_items_sensor],
+                          resources=build_resources(s))
 
 
 defs = build_definitions(Settings.from_env())
