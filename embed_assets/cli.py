@@ -2,6 +2,7 @@
 
     embed-assets run --home DIR [--items PATH ...] [--id-field F] [--text-fields A,B] [--queries P --qrels P]
     embed-assets encode --input FILE.jsonl --text-field F --output OUT.npy
+    embed-assets verify --home DIR [--repair]
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
     defs = build_definitions(settings)
     instance = _instance()
     summary: dict[str, Any] = {"home": str(layout.home), "items": settings.items, "failures": [], "checks": []}
+    if layout.home.exists():
+        from embed_assets.core.verify import verify
+
+        for line in verify(layout, repair=True)["fixed"]:  # leftovers of an interrupted run
+            log(f"repaired: {line}")
 
     log(f"[1/3] processed_items from {', '.join(settings.items)}")
     res = defs.resolve_job_def("process_items_job").execute_in_process(instance=instance, raise_on_error=False,
@@ -184,6 +190,15 @@ def cmd_encode(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(a: argparse.Namespace) -> int:
+    from embed_assets.core.layout import Layout
+    from embed_assets.core.verify import format_report, verify
+
+    r = verify(Layout.at(a.home), repair=a.repair)
+    print(format_report(r))
+    return 0 if r["ok"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="embed-assets", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -212,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--device", default="auto")
     e.add_argument("--chunking", action="store_true")
     e.set_defaults(fn=cmd_encode)
+    v = sub.add_parser("verify", help="check shards, catalog and index against each other (and --repair)")
+    v.add_argument("--home", default=os.environ.get("EMBED_ASSETS_HOME", "data"))
+    v.add_argument("--repair", action="store_true",
+                   help="remove temp files, orphans and untrusted shards; resync the catalog")
+    v.set_defaults(fn=cmd_verify)
     a = p.parse_args(argv)
     return a.fn(a)
 

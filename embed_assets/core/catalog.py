@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from embed_assets.core.faults import crash_point
 from embed_assets.core.layout import Layout
 from embed_assets.core.shards import ShardManifest, list_manifests, verify_files
 
@@ -108,6 +109,7 @@ def _ingest(con, layout: Layout, m: ShardManifest) -> None:
             "INSERT INTO items SELECT item_id, ?, \"row\", text_hash FROM read_parquet(?)",
             [m.partition, items_path],
         )
+        crash_point("catalog_write")  # inside the transaction, before COMMIT
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")

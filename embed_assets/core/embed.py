@@ -49,22 +49,25 @@ def _same_version(m: ShardManifest, version: dict) -> bool:
     return m.version == version
 
 
-def reuse_vectors(layout: Layout, version: dict, wanted: set[str], exclude_fingerprint: str | None = None,
+def reuse_vectors(layout: Layout, version: dict, wanted: set[str],
                   say: Callable[[str], None] = log.info) -> dict[str, np.ndarray]:
-    """Vectors of already-embedded texts (by text hash) from trusted shards of the same embedding version."""
+    """Vectors of already-embedded texts (by text hash) from trusted shards of the same embedding version: the
+    current shards, then the previous generation (an item that moved may have left its old shard already)."""
     found: dict[str, np.ndarray] = {}
     if not wanted:
         return found
-    for m in list_manifests(layout):
+    candidates = [(None, m) for m in list_manifests(layout)]
+    candidates += [(layout.previous_dir, m) for m in list_manifests(layout, layout.previous_dir)]
+    for folder, m in candidates:
         if not _same_version(m, version):
             continue
         try:
-            items = load_verified_items(layout, m)
+            items = load_verified_items(layout, m, folder)
             hashes = items.column("text_hash").to_pylist()
             rows = [r for r, h in enumerate(hashes) if h in wanted and h not in found]
             if not rows:
                 continue
-            _, emb = load_verified(layout, m)
+            _, emb = load_verified(layout, m, folder)
         except ShardError as e:
             say(f"not re-using shard {m.partition}: {e}")  # it will be encoded again instead
             continue

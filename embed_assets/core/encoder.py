@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from embed_assets.core.faults import crash_point
+
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDING_DIM = 384
 
@@ -284,6 +286,7 @@ class Encoder:
         for b, rows in enumerate(batches, start=1):
             seg_vecs[rows] = self._forward([segments[r] for r in rows], stats)
             stats.n_batches += 1
+            crash_point("encoding")
             done_tokens += int(lengths[rows].sum())
             now = time.perf_counter()
             if progress and (now - last_log >= progress_every_s or b == len(batches)):

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embed_assets.core.atomic import atomic_write, atomic_write_json, sha256_file
+from embed_assets.core.faults import crash_point
 from embed_assets.core.layout import Layout
 
 
@@ -48,6 +49,7 @@ def save_index(layout: Layout, index, item_ids: Sequence[str], meta: dict[str, A
     ids_table = pa.table({"item_id": pa.array(list(item_ids), pa.string())})
     atomic_write(layout.index_ids, lambda tmp: pq.write_table(ids_table, tmp))
     atomic_write(layout.index_file, lambda tmp: faiss.write_index(index, str(tmp)))
+    crash_point("index_write")  # new index in place, manifest still the old one
     manifest = {
         **meta,
         "n_items": int(index.ntotal),
@@ -85,7 +87,7 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
                       tol: float | None = None) -> dict[str, Any]:
     """Index every current shard, refusing stale, untrusted, mixed-version or failing-norm shards."""
     from embed_assets.core import catalog
-    from embed_assets.core.shards import NORM_TOLERANCE, embedding_fingerprint, load_verified, read_manifest
+    from embed_assets.core.shards import NORM_TOLERANCE, clear_previous, load_verified, read_manifest
 
     tol = NORM_TOLERANCE if tol is None else tol
     t0 = time.perf_counter()
@@ -126,4 +128,6 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
     meta = {"kind": kind, "faiss_type": type(index).__name__, "metric": "inner_product", "build_seconds": build_s,
             "version": version, "partitions": [m.partition for m in manifests],
             "shard_fingerprints": {m.partition: m.fingerprint for m in manifests}, "catalog_sync": sync}
-    return save_index(layout, index, ids, meta)
+    saved = save_index(layout, index, ids, meta)
+    clear_previous(layout)  # every shard is current and indexed: the previous generation has served its purpose
+    return saved

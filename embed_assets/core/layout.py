@@ -47,6 +47,12 @@ class Layout:
     def embeddings_dir(self) -> Path:
         return self.home / "embeddings"
 
+    @property
+    def previous_dir(self) -> Path:
+        """The generation of each shard before its last rewrite: vectors of items that moved to another row group
+        are re-used from here. Emptied once the index is built over current shards."""
+        return self.embeddings_dir / "previous"
+
     def shard_pt(self, key: str) -> Path:
         return self.embeddings_dir / f"shard_{row_group_of(key):05d}.pt"
 

@@ -10,6 +10,7 @@ The manifest comes last: a shard without a manifest, or whose checksums disagree
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embed_assets.core.atomic import atomic_write, atomic_write_json, sha256_file
+from embed_assets.core.faults import crash_point
 from embed_assets.core.layout import Layout
 
 NORM_TOLERANCE = 5e-3  # the seed notebook's sanity cell
@@ -119,12 +121,38 @@ def write_shard_items(path: Path, item_ids: Sequence[str], text_hashes: Sequence
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
+def keep_previous(layout: Layout, key: str) -> None:
+    """Hard-link the partition's current shard files into previous/ before they are replaced (manifest last, so a
+    crash in between leaves an untrusted, ignored previous shard, never a wrong one)."""
+    if not layout.shard_manifest(key).exists():
+        return
+    layout.previous_dir.mkdir(parents=True, exist_ok=True)
+    (layout.previous_dir / layout.shard_manifest(key).name).unlink(missing_ok=True)
+    for src in (layout.shard_pt(key), layout.shard_items(key), layout.shard_manifest(key)):
+        if src.exists():
+            tmp = layout.previous_dir / f".{src.name}.link.tmp"
+            tmp.unlink(missing_ok=True)
+            os.link(src, tmp)
+            os.replace(tmp, layout.previous_dir / src.name)
+
+
+def clear_previous(layout: Layout) -> int:
+    n = 0
+    if layout.previous_dir.exists():
+        for p in sorted(layout.previous_dir.iterdir(), key=lambda p: not p.name.endswith(".manifest.json")):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 def write_shard(layout: Layout, manifest: ShardManifest, item_ids: Sequence[str], text_hashes: Sequence[str],
                 emb_fp16: np.ndarray) -> ShardManifest:
     """Write .pt, items sidecar, then the manifest that vouches for both."""
     key = manifest.partition
     pt, items = layout.shard_pt(key), layout.shard_items(key)
+    keep_previous(layout, key)
     write_shard_pt(pt, item_ids, emb_fp16)
+    crash_point("shard_write")  # new .pt in place, manifest still the old one
     write_shard_items(items, item_ids, text_hashes)
     manifest.shard_file = pt.name
     manifest.shard_sha256 = sha256_file(pt)
@@ -145,8 +173,15 @@ def read_manifest(layout: Layout, key: str) -> ShardManifest | None:
         raise ShardError(f"{path}: unreadable manifest ({e}); re-materialize partition {key}") from e
 
 
-def list_manifests(layout: Layout) -> list[ShardManifest]:
-    return [ShardManifest.read(p) for p in sorted(layout.embeddings_dir.glob("shard_*.manifest.json"))]
+def list_manifests(layout: Layout, folder: Path | None = None) -> list[ShardManifest]:
+    folder = folder or layout.embeddings_dir
+    out = []
+    for p in sorted(folder.glob("shard_*.manifest.json")):
+        try:
+            out.append(ShardManifest.read(p))
+        except (OSError, ValueError, TypeError):
+            continue  # unreadable manifest: its shard is untrusted, as if absent
+    return out
 
 
 def verify_files(layout: Layout, m: ShardManifest) -> list[str]:
@@ -175,24 +210,24 @@ def read_verified_bytes(path: Path, sha256: str, partition: str) -> bytes:
     return data
 
 
-def load_verified(layout: Layout, m: ShardManifest) -> tuple[list[str], np.ndarray]:
+def load_verified(layout: Layout, m: ShardManifest, folder: Path | None = None) -> tuple[list[str], np.ndarray]:
     """A shard's ids and fp16 vectors, only if the file is byte for byte what its manifest vouches for."""
     import io
 
-    data = read_verified_bytes(layout.embeddings_dir / m.shard_file, m.shard_sha256, m.partition)
+    data = read_verified_bytes((folder or layout.embeddings_dir) / m.shard_file, m.shard_sha256, m.partition)
     try:
         return _load_pt(io.BytesIO(data))
     except Exception as e:
         raise ShardError(f"shard {m.partition}: unreadable ({e}); re-materialize partition {m.partition}") from e
 
 
-def load_verified_items(layout: Layout, m: ShardManifest):
+def load_verified_items(layout: Layout, m: ShardManifest, folder: Path | None = None):
     """The shard's items sidecar (item_id, row, text_hash) as a pyarrow table, checksum verified."""
     import io
 
     import pyarrow.parquet as pq
 
-    data = read_verified_bytes(layout.embeddings_dir / m.items_file, m.items_sha256, m.partition)
+    data = read_verified_bytes((folder or layout.embeddings_dir) / m.items_file, m.items_sha256, m.partition)
     return pq.read_table(io.BytesIO(data))
 
 
@@ -219,8 +254,11 @@ def validate_shard(ids: Sequence[str], emb: np.ndarray, expected_rows: int, dim:
     return problems, stats
 
 
-def remove_shard(layout: Layout, key: str) -> bool:
-    """Delete a partition's shard files; the manifest goes first so nothing trusts a half-deleted shard."""
+def remove_shard(layout: Layout, key: str, keep: bool = True) -> bool:
+    """Delete a partition's shard files; the manifest goes first so nothing trusts a half-deleted shard. With
+    `keep`, the shard stays in previous/ so items that moved elsewhere can still re-use their vectors."""
+    if keep:
+        keep_previous(layout, key)
     removed = False
     for path in (layout.shard_manifest(key), layout.shard_pt(key), layout.shard_items(key)):
         try:
