@@ -154,7 +154,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     for k in ("min_ndcg_at_10", "min_recall_at_100", "min_ann_recall_at_10", "norm_tolerance"):
         if getattr(a, k) is not None:
             setattr(s, k, getattr(a, k))
-    s.chunking, s.device, s.index_kind = a.chunking, a.device, a.index_kind
+    s.chunking, s.device, s.index_kind, s.precision = a.chunking, a.device, a.index_kind, a.precision
     if bool(s.queries) != bool(s.qrels):
         print("error: --queries and --qrels go together", file=sys.stderr)
         return 2
@@ -183,7 +183,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
     if not all(texts):
         print(f"warning: {texts.count('')} rows have no {a.text_field!r} text; they get the empty text's vector",
               file=sys.stderr)
-    enc = Encoder(max_seq_length=a.max_seq_length, device=a.device, chunking=a.chunking)
+    enc = Encoder(max_seq_length=a.max_seq_length, device=a.device, precision=a.precision, chunking=a.chunking)
     vecs, stats = enc.encode(texts, progress=lambda m: print(m, file=sys.stderr))
     atomic_write(Path(a.output), lambda tmp: np.save(open(tmp, "wb"), vecs.astype(np.float16)))
     print(json.dumps({"output": a.output, "rows": len(texts), **stats.as_dict()}))
@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--norm-tolerance", type=float)
     r.add_argument("--index-kind", default="flat", choices=["flat", "hnsw"])
     r.add_argument("--device", default="auto")
+    r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: fp16 on CUDA, bf16 autocast on CPUs with native bf16, else fp32")
     r.add_argument("--chunking", action="store_true", help="encode long texts in overlapping windows")
     r.set_defaults(fn=cmd_run)
     e = sub.add_parser("encode", help="encode a JSONL file to a float16 .npy (rows in input order)")
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--output", required=True)
     e.add_argument("--max-seq-length", type=int, default=256)
     e.add_argument("--device", default="auto")
+    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     e.add_argument("--chunking", action="store_true")
     e.set_defaults(fn=cmd_encode)
     v = sub.add_parser("verify", help="check shards, catalog and index against each other (and --repair)")

@@ -30,7 +30,7 @@ def build_resources(s: Settings) -> dict[str, dg.ConfigurableResource]:
         "home": HomeResource(path=str(Path(s.home).resolve())),
         "items": ItemSource(paths=[str(Path(p).resolve()) for p in s.items], id_field=s.id_field,
                             text_fields=s.text_fields, row_group_size=s.row_group_size),
-        "encoder": EncoderResource(chunking=s.chunking, device=s.device),
+        "encoder": EncoderResource(chunking=s.chunking, device=s.device, precision=s.precision),
         "retrieval": EvalSettings(queries_path=s.queries, qrels_path=s.qrels, index_kind=s.index_kind),
         "thresholds": QualityThresholds(**thresholds),
     }

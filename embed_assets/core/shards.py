@@ -50,6 +50,7 @@ class ShardManifest:
     norms: dict[str, float]
     n_encoded: int = 0
     n_reused: int = 0
+    precision: str = ""  # how the encoded rows were computed (fp32, bf16 autocast, fp16); not part of the version
     created_at: float = field(default_factory=time.time)
 
     @property

@@ -12,8 +12,8 @@ class EncoderResource(dg.ConfigurableResource):
     model_path: Optional[str] = None  # default: the bundled weights
     max_seq_length: int = 256
     device: str = "auto"  # auto -> cuda, mps, cpu
-    precision: str = "auto"  # auto -> fp16 on cuda, fp32 elsewhere
-    token_budget: int = 16_384  # padded tokens per batch; halved on out-of-memory
+    precision: str = "auto"  # auto -> fp16 on cuda, bf16 autocast on CPUs with native bf16, else fp32
+    token_budget: int = 2_048  # padded tokens per batch; halved on out-of-memory
     num_threads: Optional[int] = None  # torch CPU threads; default all cores
     chunking: bool = False  # full-coverage chunking of texts longer than the window
     reuse: bool = True  # copy vectors of unchanged texts from earlier shards instead of encoding them

@@ -47,6 +47,7 @@ def item_embeddings(context: dg.AssetExecutionContext, home: HomeResource, encod
             "max_seq_length": m.max_seq_length,
             "dim": m.dim,
             "dtype": m.dtype,
+            "precision": m.precision or "n/a (nothing encoded)",
             "fingerprint": m.fingerprint,
             "cataloged": out.cataloged,
             "path": dg.MetadataValue.path(str(home.layout.shard_pt(key))),

@@ -1,0 +1,79 @@
+"""Incremental cost: a full run, then a run after 1% of the items changed (half rewritten, half new), same process.
+
+    python benchmarks/incremental.py [--csv ../shared/data/myntra/myntra_products_catalog.csv] [--change 0.01]
+
+Both runs are the whole headless pipeline (`embed-assets run`: items, partitions, norms, index, report). Prints the
+second run's time as a ratio of the first, and n_encoded / n_reused of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CSV = HERE.parent.parent / "shared" / "data" / "myntra" / "myntra_products_catalog.csv"
+
+
+def write_items(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--csv", default=str(DEFAULT_CSV))
+    p.add_argument("--change", type=float, default=0.01)
+    p.add_argument("--row-group-size", type=int, default=200_000)
+    p.add_argument("--json")
+    a = p.parse_args()
+
+    from embed_assets.cli import run_pipeline
+    from embed_assets.settings import Settings
+
+    with open(a.csv, newline="", encoding="utf-8") as fh:
+        rows = [{"id": r["ProductID"], "name": r["ProductName"], "description": r["Description"]}
+                for r in csv.DictReader(fh)]
+    tmp = Path(tempfile.mkdtemp(prefix="embed_incr_"))
+    items = tmp / "items.jsonl"
+    n_change = max(2, int(len(rows) * a.change))
+    base, new = rows[: len(rows) - n_change // 2], rows[len(rows) - n_change // 2:]
+    write_items(items, base)
+    s = Settings(home=str(tmp / "home"), items=[str(items)], id_field="id", text_fields=["name", "description"],
+                 row_group_size=a.row_group_size)
+    quiet = lambda *_: None  # noqa: E731
+
+    t0 = time.perf_counter()
+    code1, s1 = run_pipeline(s, log=quiet)
+    t_full = time.perf_counter() - t0
+
+    changed = [dict(r) for r in base]
+    step = max(1, len(changed) // (n_change - len(new)))
+    for i in range(0, len(changed), step)[: n_change - len(new)]:
+        changed[i]["description"] += " Now in a new colour."
+    write_items(items, changed + new)
+    t0 = time.perf_counter()
+    code2, s2 = run_pipeline(s, log=quiet)
+    t_incr = time.perf_counter() - t0
+
+    res = {"items_first": len(base), "items_second": len(changed) + len(new), "changed_or_new": n_change,
+           "full_s": t_full, "incremental_s": t_incr, "ratio": t_incr / t_full,
+           "first": {k: s1.get(k) for k in ("n_encoded", "n_reused", "ok")},
+           "second": {k: s2.get(k) for k in ("n_encoded", "n_reused", "ok")}}
+    print(f"full run        {res['items_first']:,} items  {t_full:8.1f} s  encoded {s1.get('n_encoded'):,}")
+    print(f"after {a.change:.0%} change {res['items_second']:,} items  {t_incr:8.1f} s  encoded "
+          f"{s2.get('n_encoded'):,}, re-used {s2.get('n_reused'):,}")
+    print(f"ratio           {res['ratio']:.2%} of the full run")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0 if code1 == 0 and code2 == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
