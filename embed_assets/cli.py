@@ -53,7 +53,8 @@ def _checks(result) -> list[dict[str, Any]]:
 
 
 def _meta(result, node: str) -> list[dict[str, Any]]:
-    return [{k: getattr(v, "value", v) for k, v in m.metadata.items()} for m in result.asset_materializations_for_node(node)]
+    return [{k: getattr(v, "value", v) for k, v in m.metadata.items()}
+            for m in result.asset_materializations_for_node(node)]
 
 
 def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
@@ -71,12 +72,13 @@ def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
     if layout.home.exists():
         from embed_assets.core.verify import verify
 
-        for line in verify(layout, repair=True)["fixed"]:  # leftovers of an interrupted run
+        # leftovers of an interrupted run; the index is rebuilt below, so its check is skipped here
+        for line in verify(layout, repair=True, check_index=False)["fixed"]:
             log(f"repaired: {line}")
 
     log(f"[1/3] processed_items from {', '.join(settings.items)}")
-    res = defs.resolve_job_def("process_items_job").execute_in_process(instance=instance, raise_on_error=False,
-                                                                                 run_config=RUN_CONFIG)
+    res = defs.resolve_job_def("process_items_job").execute_in_process(
+        instance=instance, raise_on_error=False, run_config=RUN_CONFIG)
     summary["failures"] += _failures(res)
     if not res.success:
         return _finish(layout, summary, t0, log)
@@ -107,8 +109,8 @@ def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
         return _finish(layout, summary, t0, log)
 
     log("[3/3] embedding_norms, faiss_index, retrieval_report")
-    res = defs.resolve_job_def("index_and_report_job").execute_in_process(instance=instance, raise_on_error=False,
-                                                                                 run_config=RUN_CONFIG)
+    res = defs.resolve_job_def("index_and_report_job").execute_in_process(
+        instance=instance, raise_on_error=False, run_config=RUN_CONFIG)
     summary["failures"] += _failures(res)
     summary["checks"] += _checks(res)
     report = _meta(res, "retrieval_report")
@@ -145,6 +147,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     else:
         s = Settings.sample(a.home)
         print("no --items: running the bundled SciFact sample (CC BY-NC 2.0; Wadden et al., 2020, via BEIR)")
+    if a.queries or a.qrels:
+        s.queries, s.qrels = a.queries, a.qrels
     if a.id_field:
         s.id_field = a.id_field
     if a.text_fields:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,12 @@ def dagster_home(tmp_path: Path, monkeypatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     return home
+
+
+def run_cli(args: list[str], cwd: Path, crash_at: str | None = None) -> subprocess.CompletedProcess:
+    """`embed-assets ARGS` in a fresh process, as a user runs it (optionally told to SIGKILL itself at a point)."""
+    env = {k: v for k, v in os.environ.items() if k != "EMBED_ASSETS_CRASH_AT"}
+    if crash_at:
+        env["EMBED_ASSETS_CRASH_AT"] = crash_at
+    return subprocess.run([sys.executable, "-m", "embed_assets.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=900)

@@ -8,13 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from embed_assets.settings import SAMPLE_QRELS, SAMPLE_QUERIES
-from embed_assets_tests.conftest import sample_docs, write_jsonl
+from embed_assets_tests.conftest import run_cli, sample_docs, write_jsonl
 
 CLI = [sys.executable, "-m", "embed_assets.cli"]
-
-
-def _run(args, cwd):
-    return subprocess.run(CLI + args, capture_output=True, text=True, cwd=cwd, timeout=900)
 
 
 def test_run_twice_then_fail_a_threshold(tmp_path):
@@ -22,7 +18,7 @@ def test_run_twice_then_fail_a_threshold(tmp_path):
     home = tmp_path / "home"
     args = ["run", "--home", str(home), "--items", str(corpus), "--row-group-size", "40",
             "--queries", str(SAMPLE_QUERIES), "--qrels", str(SAMPLE_QRELS), "--min-recall-at-100", "0"]
-    first = _run(args, tmp_path)
+    first = run_cli(args, tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     summary = json.loads((home / "reports" / "run_summary.json").read_text())
     assert summary["ok"] and summary["n_items"] == 80 and summary["n_partitions"] == 2
@@ -30,19 +26,19 @@ def test_run_twice_then_fail_a_threshold(tmp_path):
     assert "ndcg_at_10" in first.stdout and "ok in" in first.stdout
     assert sorted(p.name for p in (home / "embeddings").glob("shard_*.pt")) == ["shard_00000.pt", "shard_00001.pt"]
 
-    second = _run(args, tmp_path)
+    second = run_cli(args, tmp_path)
     assert second.returncode == 0
     summary = json.loads((home / "reports" / "run_summary.json").read_text())
     assert summary["n_encoded"] == 0 and "unchanged, skipped" in second.stdout
 
-    failing = _run(args[:-2] + ["--min-ann-recall-at-10", "1.01"], tmp_path)
+    failing = run_cli(args[:-2] + ["--min-ann-recall-at-10", "1.01"], tmp_path)
     assert failing.returncode == 1
     assert "CHECK FAILED  retrieval_quality_check" in failing.stdout
     assert not json.loads((home / "reports" / "run_summary.json").read_text())["ok"]
 
 
 def test_run_reports_a_bad_items_path_clearly(tmp_path):
-    out = _run(["run", "--home", str(tmp_path / "h"), "--items", str(tmp_path / "missing.jsonl")], tmp_path)
+    out = run_cli(["run", "--home", str(tmp_path / "h"), "--items", str(tmp_path / "missing.jsonl")], tmp_path)
     assert out.returncode == 1
     assert "missing.jsonl: no such file or folder" in out.stdout
 

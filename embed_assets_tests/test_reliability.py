@@ -1,10 +1,7 @@
 """Crashes, corruption and hostile input, through the real CLI: nothing half-written is ever trusted."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,18 +10,7 @@ import torch
 from embed_assets.core import catalog
 from embed_assets.core.index import load_index
 from embed_assets.core.layout import Layout
-from embed_assets_tests.conftest import sample_docs, write_jsonl
-
-CLI = [sys.executable, "-m", "embed_assets.cli"]
-
-
-def _cli(args, cwd, crash_at=None):
-    env = {**os.environ}
-    env.pop("EMBED_ASSETS_CRASH_AT", None)
-    if crash_at:
-        env["EMBED_ASSETS_CRASH_AT"] = crash_at
-    return subprocess.run(CLI + args, capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
-
+from embed_assets_tests.conftest import run_cli, sample_docs, write_jsonl
 
 def _consistent(layout: Layout):
     """catalog = files = index ids, every shard vouched for by its manifest."""
@@ -36,7 +22,7 @@ def _consistent(layout: Layout):
     assert sorted(shard_ids) == sorted(cat_ids) == sorted(index_ids)
     assert len(set(shard_ids)) == len(shard_ids)
     assert not list(layout.home.rglob(".*.tmp"))
-    verify = _cli(["verify", "--home", str(layout.home)], layout.home.parent)
+    verify = run_cli(["verify", "--home", str(layout.home)], layout.home.parent)
     assert verify.returncode == 0, verify.stdout
     return shard_ids
 
@@ -48,13 +34,13 @@ def test_sigkill_at_each_point_then_rerun_is_consistent(tmp_path, point):
     args = ["run", "--home", str(home), "--items", str(corpus), "--text-fields", "title", "--row-group-size", "20"]
     if point in ("shard_write", "catalog_write"):
         # crash while *replacing* existing shards: the first run completes, then one title changes
-        assert _cli(args, tmp_path).returncode == 0
+        assert run_cli(args, tmp_path).returncode == 0
         docs = sample_docs(60)
         docs[25]["title"] += " (corrected)"
         write_jsonl(corpus, docs)
-    crashed = _cli(args, tmp_path, crash_at=point)
+    crashed = run_cli(args, tmp_path, crash_at=point)
     assert crashed.returncode == -signal.SIGKILL, crashed.stdout[-2000:] + crashed.stderr[-2000:]
-    rerun = _cli(args, tmp_path)
+    rerun = run_cli(args, tmp_path)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     ids = _consistent(Layout.at(home))
     assert len(ids) == 60
@@ -64,7 +50,7 @@ def test_corrupt_shard_is_detected_reported_and_rebuilt(tmp_path):
     corpus = write_jsonl(tmp_path / "raw.jsonl", sample_docs(40))
     home = tmp_path / "home"
     args = ["run", "--home", str(home), "--items", str(corpus), "--text-fields", "title", "--row-group-size", "20"]
-    assert _cli(args, tmp_path).returncode == 0
+    assert run_cli(args, tmp_path).returncode == 0
     layout = Layout.at(home)
     pt = layout.shard_pt("rg_00001")
     good = torch.load(pt, weights_only=True)["embeddings"].numpy()
@@ -72,11 +58,11 @@ def test_corrupt_shard_is_detected_reported_and_rebuilt(tmp_path):
     raw[-100] ^= 0x55  # flip bits inside the tensor data: still loadable, silently wrong
     pt.write_bytes(bytes(raw))
 
-    verify = _cli(["verify", "--home", str(home)], tmp_path)
+    verify = run_cli(["verify", "--home", str(home)], tmp_path)
     assert verify.returncode == 1
     assert "shard rg_00001: shard_00001.pt checksum mismatch" in verify.stdout
 
-    rerun = _cli(args, tmp_path)
+    rerun = run_cli(args, tmp_path)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert "shard rg_00001" in rerun.stdout and "removed" in rerun.stdout  # reported
     summary = json.loads(layout.run_summary_json.read_text())
@@ -98,7 +84,7 @@ def test_hostile_rows_are_rejected_and_good_rows_match_a_clean_run(tmp_path):
     write_jsonl(tmp_path / "clean.jsonl", clean)
 
     def run(name):
-        r = _cli(["run", "--home", str(tmp_path / name), "--items", str(tmp_path / f"{name}.jsonl"),
+        r = run_cli(["run", "--home", str(tmp_path / name), "--items", str(tmp_path / f"{name}.jsonl"),
                   "--id-field", "id", "--text-fields", "title", "--row-group-size", "50"], tmp_path)
         assert r.returncode == 0, r.stdout[-3000:]
         d = torch.load(tmp_path / name / "embeddings" / "shard_00000.pt", weights_only=True)

@@ -63,16 +63,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def remove_stale_temp_files(folder: str | os.PathLike) -> int:
-    """Delete temp files left by writers that died; they are never read, only cleaned."""
-    folder = Path(folder)
-    if not folder.exists():
-        return 0
-    n = 0
-    for tmp in folder.glob(".*.tmp"):
+def abandoned_temp_file(tmp: Path, max_age_s: float = 24 * 3600) -> bool:
+    """A temp file whose writer is gone (its pid, part of the name, no longer runs) or that is older than a day."""
+    import time
+
+    parts = tmp.name.split(".")
+    pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+    if pid is not None:
         try:
-            tmp.unlink()
-            n += 1
-        except FileNotFoundError:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
             pass
-    return n
+    try:
+        return time.time() - tmp.stat().st_mtime > max_age_s
+    except FileNotFoundError:
+        return False

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from embed_assets.core.faults import crash_point
 from embed_assets.core.layout import Layout
-from embed_assets.core.shards import ShardManifest, list_manifests, verify_files
+from embed_assets.core.shards import ShardError, ShardManifest, list_manifests, load_verified_items, verify_files
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS shards (
@@ -90,14 +90,20 @@ def connect(db_path: Path, read_only: bool = False, timeout_s: float = 600.0) ->
         con.close()
 
 
+def _delete_partition(con, key: str) -> None:
+    con.execute("DELETE FROM items WHERE partition = ?", [key])
+    con.execute("DELETE FROM shards WHERE partition = ?", [key])
+
+
 def _ingest(con, layout: Layout, m: ShardManifest) -> None:
+    """Replace one partition's rows, from the items sidecar's verified bytes (never a file swapped meanwhile)."""
+    items = load_verified_items(layout, m)
     now = datetime.now(timezone.utc)
     created = datetime.fromtimestamp(m.created_at, timezone.utc)
-    items_path = str(layout.embeddings_dir / m.items_file)
+    con.register("_shard_items", items)
     con.execute("BEGIN TRANSACTION")
     try:
-        con.execute("DELETE FROM items WHERE partition = ?", [m.partition])
-        con.execute("DELETE FROM shards WHERE partition = ?", [m.partition])
+        _delete_partition(con, m.partition)
         con.execute(
             "INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [m.partition, m.row_group, str(layout.embeddings_dir / m.shard_file), m.n_rows, m.dim, m.dtype,
@@ -105,15 +111,14 @@ def _ingest(con, layout: Layout, m: ShardManifest) -> None:
              m.shard_bytes, m.norms["mean"], m.norms["std"], m.norms["min"], m.norms["max"],
              m.norms["frac_outside_tol"], m.n_encoded, m.n_reused, created, now],
         )
-        con.execute(
-            "INSERT INTO items SELECT item_id, ?, \"row\", text_hash FROM read_parquet(?)",
-            [m.partition, items_path],
-        )
+        con.execute("INSERT INTO items SELECT item_id, ?, \"row\", text_hash FROM _shard_items", [m.partition])
         crash_point("catalog_write")  # inside the transaction, before COMMIT
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")
         raise
+    finally:
+        con.unregister("_shard_items")
 
 
 def ingest_manifest(layout: Layout, m: ShardManifest, timeout_s: float = 600.0) -> None:
@@ -126,28 +131,34 @@ def ingest_manifest(layout: Layout, m: ShardManifest, timeout_s: float = 600.0) 
 
 
 def sync(layout: Layout, valid_partitions: set[str] | None = None, timeout_s: float = 600.0) -> dict[str, list[str]]:
-    """Make the catalog equal the trusted shards on disk. Returns what it added, refreshed and removed."""
-    manifests = {m.partition: m for m in list_manifests(layout)}
-    if valid_partitions is not None:
-        manifests = {k: m for k, m in manifests.items() if k in valid_partitions}
-    trusted, broken = {}, []
-    for k, m in manifests.items():
-        if verify_files(layout, m):
-            broken.append(k)
-        else:
-            trusted[k] = m
-    added, refreshed, removed = [], [], []
+    """Make the catalog equal the trusted shards on disk. Returns what it added, refreshed and removed.
+
+    The manifests are read while the catalog is held, so a partition ingesting itself meanwhile is never undone.
+    """
+    added, refreshed, removed, broken = [], [], [], []
     with connect(layout.catalog_db, timeout_s=timeout_s) as con:
+        manifests = {m.partition: m for m in list_manifests(layout)}
+        if valid_partitions is not None:
+            manifests = {k: m for k, m in manifests.items() if k in valid_partitions}
+        trusted = {}
+        for k, m in manifests.items():
+            if verify_files(layout, m):
+                broken.append(k)
+            else:
+                trusted[k] = m
         have = {p: (sha, fp) for p, sha, fp in con.execute("SELECT partition, sha256, fingerprint FROM shards").fetchall()}
         for k, m in sorted(trusted.items()):
             if have.get(k) == (m.shard_sha256, m.fingerprint):
                 continue
-            _ingest(con, layout, m)
+            try:
+                _ingest(con, layout, m)
+            except ShardError:
+                broken.append(k)  # replaced between the check and the read: the next sync takes it
+                continue
             (refreshed if k in have else added).append(k)
         for k in sorted(set(have) - set(trusted)):
             con.execute("BEGIN TRANSACTION")
-            con.execute("DELETE FROM items WHERE partition = ?", [k])
-            con.execute("DELETE FROM shards WHERE partition = ?", [k])
+            _delete_partition(con, k)
             con.execute("COMMIT")
             removed.append(k)
     return {"added": added, "refreshed": refreshed, "removed": removed, "untrusted": sorted(broken)}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from embed_assets.core.atomic import sha256_file
+from embed_assets.core.index import IndexBuildError, read_index_manifest
 from embed_assets.core.items import ItemsError, discover_files, load_row_groups
 from embed_assets.core.layout import Layout
 from embed_assets.core.shards import ShardError, embedding_fingerprint, read_manifest
@@ -48,9 +49,29 @@ def stale_partitions(layout: Layout, version: dict[str, Any]) -> list[tuple[str,
             m = read_manifest(layout, rg["partition"])
         except ShardError:
             m = None
-        if m is None or m.fingerprint != want:
+        if m is None or m.fingerprint != want or not _files_intact(layout, m):
             out.append((rg["partition"], want))
     return out
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def _files_intact(layout: Layout, m) -> bool:
+    """Checksums against the manifest, cached by (path, size, mtime, inode): a sensor tick re-hashes only files
+    that were written since the last tick, so a corrupted shard is noticed without hashing every shard each time."""
+    for name, expected in ((m.shard_file, m.shard_sha256), (m.items_file, m.items_sha256)):
+        path = layout.embeddings_dir / name
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key not in _HASHES:
+            _HASHES[key] = sha256_file(path)
+        if _HASHES[key] != expected:
+            return False
+    return True
 
 
 def index_state(layout: Layout) -> tuple[bool, str]:
@@ -61,10 +82,14 @@ def index_state(layout: Layout) -> tuple[bool, str]:
         return True, ""
     current = {}
     for rg in groups:
-        m = read_manifest(layout, rg["partition"])
+        try:
+            m = read_manifest(layout, rg["partition"])
+        except ShardError:
+            m = None
         current[rg["partition"]] = m.fingerprint if m else None
     fp = hashlib.sha256(json.dumps(sorted(current.items())).encode()).hexdigest()[:32]
-    if not layout.index_manifest.exists():
-        return False, fp
-    built = json.loads(layout.index_manifest.read_text("utf-8")).get("shard_fingerprints", {})
+    try:
+        built = read_index_manifest(layout).get("shard_fingerprints", {})
+    except IndexBuildError:
+        return False, fp  # no index, or an unreadable manifest: not current
     return built == current, fp

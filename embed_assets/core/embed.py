@@ -26,6 +26,7 @@ from embed_assets.core.shards import (
     load_verified,
     load_verified_items,
     norm_stats,
+    partition_lock,
     read_manifest,
     verify_files,
     write_shard,
@@ -72,7 +73,7 @@ def reuse_vectors(layout: Layout, version: dict, wanted: set[str],
             say(f"not re-using shard {m.partition}: {e}")  # it will be encoded again instead
             continue
         for r in rows:
-            found.setdefault(hashes[r], emb[r])
+            found.setdefault(hashes[r], emb[r].copy())  # a copy: never keep a whole shard alive for one row
         if len(found) == len(wanted):
             break
     return found
@@ -86,6 +87,13 @@ def embed_partition(
     reuse: bool = True,
     catalog_timeout_s: float = 600.0,
 ) -> EmbedOutcome:
+    # One writer per partition at a time: a second run of the same partition waits, then finds the shard current.
+    with partition_lock(layout, key):
+        return _embed_partition(layout, key, encoder, say, reuse, catalog_timeout_s)
+
+
+def _embed_partition(layout: Layout, key: str, encoder: Encoder, say: Callable[[str], None], reuse: bool,
+                     catalog_timeout_s: float) -> EmbedOutcome:
     t0 = time.perf_counter()
     rg = row_group_of(key)
     table = read_row_group(layout.items_parquet, rg)

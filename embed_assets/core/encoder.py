@@ -13,6 +13,7 @@ Heavy imports (torch, sentence-transformers) happen when an Encoder is built, ne
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -42,10 +43,12 @@ def bundled_model_path() -> Path:
 
 def model_revision(model_path: Path) -> str:
     """A revision that changes when the weights change: package version + weights checksum prefix."""
-    from embed_assets.core.atomic import sha256_file
-
     weights = next((model_path / n for n in ("model.safetensors", "pytorch_model.bin") if (model_path / n).exists()), None)
-    digest = sha256_file(weights)[:12] if weights else "unknown"
+    if weights is None:
+        digest = "unknown"
+    else:
+        st = weights.stat()
+        digest = _weights_digest(str(weights), st.st_size, st.st_mtime_ns)
     try:
         from importlib.metadata import version
 
@@ -53,6 +56,14 @@ def model_revision(model_path: Path) -> str:
     except Exception:
         pkg = "local"
     return f"{pkg}+{digest}"
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_digest(path: str, size: int, mtime_ns: int) -> str:
+    # cached by (path, size, mtime): the sensor asks every tick; hashing 90 MB each time would be waste
+    from embed_assets.core.atomic import sha256_file
+
+    return sha256_file(path)[:12]
 
 
 def _pooling_dim(model_path: Path) -> int:
@@ -191,13 +202,16 @@ class Encoder:
             model.eval()
             _MODEL_CACHE[cache_key] = model
         model.max_seq_length = self.max_seq_length
-        self.tokenizer = model.tokenizer
         self._model = model
         return model
 
     @property
     def model(self):
         return self._load()
+
+    @property
+    def tokenizer(self):
+        return self._load().tokenizer
 
     @property
     def version(self) -> dict:

@@ -64,18 +64,36 @@ def save_index(layout: Layout, index, item_ids: Sequence[str], meta: dict[str, A
     return manifest
 
 
+def read_index_manifest(layout: Layout) -> dict[str, Any]:
+    if not layout.index_manifest.exists():
+        raise IndexBuildError(f"{layout.index_manifest}: no index yet; materialize faiss_index")
+    try:
+        return json.loads(layout.index_manifest.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise IndexBuildError(f"{layout.index_manifest}: unreadable ({e}); re-materialize faiss_index") from e
+
+
 def load_index(layout: Layout):
+    """Index, ids and manifest, each file read once and checked against the manifest (no race with a rebuild)."""
+    import hashlib
+    import io
+
     import faiss
     import pyarrow.parquet as pq
 
-    if not layout.index_manifest.exists():
-        raise IndexBuildError(f"{layout.index_manifest}: no index yet; materialize faiss_index")
-    manifest = json.loads(layout.index_manifest.read_text("utf-8"))
+    manifest = read_index_manifest(layout)
+    blobs = {}
     for f, key in ((layout.index_file, "index_sha256"), (layout.index_ids, "ids_sha256")):
-        if not f.exists() or sha256_file(f) != manifest[key]:
-            raise IndexBuildError(f"{f}: missing or does not match {layout.index_manifest.name}; re-materialize faiss_index")
-    index = faiss.read_index(str(layout.index_file))
-    ids = pq.read_table(layout.index_ids).column("item_id").to_pylist()
+        try:
+            data = f.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        if hashlib.sha256(data).hexdigest() != manifest[key]:
+            raise IndexBuildError(f"{f}: missing or does not match {layout.index_manifest.name}; "
+                                  "re-materialize faiss_index")
+        blobs[key] = data
+    index = faiss.deserialize_index(np.frombuffer(blobs["index_sha256"], dtype=np.uint8))
+    ids = pq.read_table(io.BytesIO(blobs["ids_sha256"])).column("item_id").to_pylist()
     return index, ids, manifest
 
 
@@ -87,7 +105,7 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
                       tol: float | None = None) -> dict[str, Any]:
     """Index every current shard, refusing stale, untrusted, mixed-version or failing-norm shards."""
     from embed_assets.core import catalog
-    from embed_assets.core.shards import NORM_TOLERANCE, clear_previous, load_verified, read_manifest
+    from embed_assets.core.shards import NORM_TOLERANCE, clear_previous, load_verified, norms_within, read_manifest
 
     tol = NORM_TOLERANCE if tol is None else tol
     t0 = time.perf_counter()
@@ -102,7 +120,7 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
             problems.append(f"{rg['partition']}: shard is stale, its row group changed (re-materialize it)")
         elif rg["partition"] in sync["untrusted"]:
             problems.append(f"{rg['partition']}: shard files do not match the manifest (re-materialize it)")
-        elif m.norms["frac_outside_tol"] > 0 or m.norms["max"] > 1 + tol or m.norms["min"] < 1 - tol:
+        elif not norms_within(m.norms, tol):
             problems.append(f"{rg['partition']}: norms outside 1 ± {tol:g} (min {m.norms['min']:.5f}, "
                             f"max {m.norms['max']:.5f}); the norm check fails for it")
         else:

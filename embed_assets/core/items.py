@@ -116,6 +116,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str, str]]:
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[int, dict | None, str, str]]:
+    csv.field_size_limit(2**31 - 1)  # long descriptions are data, not errors (the default limit is 128 KiB)
     with _open_binary(path) as raw:
         # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
@@ -345,9 +346,14 @@ def write_rejects(rejects: list[Reject], path: Path) -> None:
     atomic_write_text(path, "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects))
 
 
-def write_row_groups(row_groups: list[dict[str, Any]], path: Path) -> None:
-    atomic_write_json(path, row_groups)
+def _parquet_stamp(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
+
+def write_row_groups(row_groups: list[dict[str, Any]], path: Path, items_parquet: Path) -> None:
+    # Stamped with the items.parquet it describes: a crash between the two writes is detected, not trusted.
+    atomic_write_json(path, {"items_parquet": _parquet_stamp(items_parquet), "row_groups": row_groups})
 
 def process_items(
     layout,
@@ -363,11 +369,16 @@ def process_items(
     write_rejects(result.rejects, layout.rejects_jsonl)
     write_items_parquet(result.items, layout.items_parquet, row_group_size)
     row_groups = describe_row_groups(layout.items_parquet)
-    write_row_groups(row_groups, layout.row_groups_json)
+    write_row_groups(row_groups, layout.row_groups_json, layout.items_parquet)
     return result, row_groups
 
 
 def load_row_groups(layout) -> list[dict[str, Any]]:
-    if not layout.row_groups_json.exists():
+    """The row groups of items.parquet, as processed_items described them (checked to be that very file)."""
+    if not layout.row_groups_json.exists() or not layout.items_parquet.exists():
         raise ItemsError(f"{layout.row_groups_json}: not found; materialize processed_items first")
-    return json.loads(layout.row_groups_json.read_text("utf-8"))
+    data = json.loads(layout.row_groups_json.read_text("utf-8"))
+    if data.get("items_parquet") != _parquet_stamp(layout.items_parquet):
+        raise ItemsError(f"{layout.row_groups_json} does not describe the current {layout.items_parquet.name} "
+                         "(an interrupted processed_items run?); re-materialize processed_items")
+    return data["row_groups"]

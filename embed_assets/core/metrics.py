@@ -47,22 +47,38 @@ def evaluate_run(run: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[s
     }
 
 
-def ann_recall_at_k(ann_ids: np.ndarray, exact_ids: np.ndarray, k: int = 10) -> float:
-    """Mean overlap of the index's top-k with exact search's top-k."""
-    hits = [len(set(a[:k]) & set(e[:k])) / k for a, e in zip(ann_ids, exact_ids)]
+def ann_recall_at_k(ann_ids: np.ndarray, ann_scores: np.ndarray, exact_ids: np.ndarray, exact_scores: np.ndarray,
+                    k: int = 10, eps: float = 1e-5) -> float:
+    """Mean share of exact search's top-k that the index found. Tie-aware: a returned item scoring at least the
+    exact k-th score counts (duplicate texts have identical vectors, and either copy is a right answer)."""
+    hits = []
+    for a, sa, e, se in zip(ann_ids, ann_scores, exact_ids, exact_scores):
+        valid = e[:k] >= 0
+        k_eff = int(valid.sum())
+        if not k_eff:
+            continue
+        kth = se[:k][valid][-1]
+        want = {int(i) for i in e[:k][valid]}
+        got = sum(1 for i, sc in zip(a[:k], sa[:k]) if i >= 0 and (int(i) in want or sc >= kth - eps))
+        hits.append(min(got, k_eff) / k_eff)
     return float(np.mean(hits)) if hits else 0.0
 
 
-def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
-    """Brute-force top-k by inner product, blocked to bound memory."""
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k (ids, scores) by inner product, blocked to bound memory."""
     x = vectors.astype(np.float32)
-    out = []
+    ids, scores_out = [], []
     for s in range(0, len(queries), block):
         scores = queries[s : s + block].astype(np.float32) @ x.T
-        top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
+        k_eff = min(k, scores.shape[1])
+        top = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
         order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
-        out.append(np.take_along_axis(top, order, axis=1))
-    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
+        top = np.take_along_axis(top, order, axis=1)
+        ids.append(top)
+        scores_out.append(np.take_along_axis(scores, top, axis=1))
+    if not ids:
+        return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
+    return np.concatenate(ids), np.concatenate(scores_out)
 
 
 def latency_ms(index, queries: np.ndarray, k: int = 10) -> dict[str, float]:

@@ -12,7 +12,7 @@ import numpy as np
 from embed_assets.core.atomic import atomic_write_json, atomic_write_text
 from embed_assets.core.beir import load_qrels, load_queries
 from embed_assets.core.encoder import Encoder
-from embed_assets.core.index import load_index
+from embed_assets.core.index import IndexBuildError, load_index
 from embed_assets.core.layout import Layout
 from embed_assets.core.metrics import ann_recall_at_k, evaluate_run, exact_top_k, latency_ms
 
@@ -36,20 +36,24 @@ def evaluate(
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     index, ids, manifest = load_index(layout)
+    built = manifest.get("version") or {}
+    if built and built != encoder.version:
+        raise IndexBuildError(f"the index was built with {built}, queries would be encoded with {encoder.version}; "
+                              "re-materialize item_embeddings and faiss_index with one model")
     n = int(index.ntotal)
     rng = np.random.default_rng(seed)
     vectors = index.reconstruct_n(0, n)
 
     # ANN recall@10 against exact search on a sample of items (1.0 by construction for a flat index).
     sample = np.sort(rng.choice(n, size=min(n_ann_sample, n), replace=False))
-    _, ann = index.search(vectors[sample], 10)
-    exact = exact_top_k(vectors, vectors[sample], 10)
+    ann_scores, ann = index.search(vectors[sample], 10)
+    exact, exact_scores = exact_top_k(vectors, vectors[sample], 10)
     report: dict[str, Any] = {
         "n_items": n,
         "index_kind": manifest.get("kind"),
         "model_id": manifest.get("version", {}).get("model_id"),
         "model_revision": manifest.get("version", {}).get("model_revision"),
-        "ann_recall_at_10": ann_recall_at_k(ann, exact, 10),
+        "ann_recall_at_10": ann_recall_at_k(ann, ann_scores, exact, exact_scores, 10),
         "ann_sample": int(len(sample)),
         "n_queries": 0,
         "ndcg_at_10": None,

@@ -9,16 +9,19 @@ The manifest comes last: a shard without a manifest, or whose checksums disagree
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from embed_assets.core.atomic import atomic_write, atomic_write_json, sha256_file
+from embed_assets.core.atomic import atomic_write_bytes, atomic_write_json, sha256_file, temp_path_for
 from embed_assets.core.faults import crash_point
 from embed_assets.core.layout import Layout
 
@@ -74,10 +77,9 @@ def embedding_fingerprint(rows_fingerprint: str, version: dict[str, Any]) -> str
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def norm_stats(emb: np.ndarray, tol: float = NORM_TOLERANCE) -> dict[str, float]:
-    if len(emb) == 0:
+def _stats_of_norms(norms: np.ndarray, tol: float) -> dict[str, float]:
+    if len(norms) == 0:
         return {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0, "frac_outside_tol": 0.0}
-    norms = np.linalg.norm(emb.astype(np.float32), axis=1)
     finite = np.isfinite(norms)
     return {
         "mean": float(norms[finite].mean()) if finite.any() else float("nan"),
@@ -88,11 +90,32 @@ def norm_stats(emb: np.ndarray, tol: float = NORM_TOLERANCE) -> dict[str, float]
     }
 
 
-def write_shard_pt(path: Path, item_ids: Sequence[str], emb: np.ndarray) -> None:
+def norm_stats(emb: np.ndarray, tol: float = NORM_TOLERANCE) -> dict[str, float]:
+    """mean/std/min/max of the vectors' L2 norms and the fraction outside 1 ± tol (NaN/inf count as outside)."""
+    return _stats_of_norms(np.linalg.norm(emb.astype(np.float32), axis=1) if len(emb) else np.zeros(0), tol)
+
+
+def norms_within(norms: dict[str, float], tol: float) -> bool:
+    """The norm rule on recorded stats: every vector finite with norm in 1 ± tol."""
+    return norms["frac_outside_tol"] == 0 and 1 - tol <= norms["min"] and norms["max"] <= 1 + tol
+
+
+def _pt_bytes(item_ids: Sequence[str], emb: np.ndarray) -> bytes:
+    import io
+
     import torch
 
-    payload = {"item_id": list(item_ids), "embeddings": torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float16))}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    buf = io.BytesIO()
+    torch.save({"item_id": list(item_ids),
+                "embeddings": torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float16))}, buf)
+    return buf.getvalue()
+
+
+def write_shard_pt(path: Path, item_ids: Sequence[str], emb: np.ndarray) -> str:
+    """Write the seed-format shard atomically; returns the sha256 of exactly the bytes written."""
+    data = _pt_bytes(item_ids, emb)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _load_pt(source) -> tuple[list[str], np.ndarray]:
@@ -112,29 +135,37 @@ def load_shard_pt(path: Path) -> tuple[list[str], np.ndarray]:
         raise ShardError(f"{path}: unreadable shard ({type(e).__name__}: {e}); re-materialize its partition") from e
 
 
-def write_shard_items(path: Path, item_ids: Sequence[str], text_hashes: Sequence[str]) -> None:
+def write_shard_items(path: Path, item_ids: Sequence[str], text_hashes: Sequence[str]) -> str:
+    import io
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.table({"item_id": pa.array(list(item_ids), pa.string()),
                       "row": pa.array(np.arange(len(item_ids)), pa.int64()),
                       "text_hash": pa.array(list(text_hashes), pa.string())})
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def keep_previous(layout: Layout, key: str) -> None:
     """Hard-link the partition's current shard files into previous/ before they are replaced (manifest last, so a
     crash in between leaves an untrusted, ignored previous shard, never a wrong one)."""
-    if not layout.shard_manifest(key).exists():
+    try:
+        current = read_manifest(layout, key)
+    except ShardError:
         return
+    if current is None or verify_files(layout, current):
+        return  # only a trusted shard is worth keeping; never overwrite a good previous copy with a broken one
     layout.previous_dir.mkdir(parents=True, exist_ok=True)
     (layout.previous_dir / layout.shard_manifest(key).name).unlink(missing_ok=True)
     for src in (layout.shard_pt(key), layout.shard_items(key), layout.shard_manifest(key)):
-        if src.exists():
-            tmp = layout.previous_dir / f".{src.name}.link.tmp"
-            tmp.unlink(missing_ok=True)
-            os.link(src, tmp)
-            os.replace(tmp, layout.previous_dir / src.name)
+        tmp = temp_path_for(layout.previous_dir / src.name)
+        os.link(src, tmp)
+        os.replace(tmp, layout.previous_dir / src.name)
 
 
 def clear_previous(layout: Layout) -> int:
@@ -152,14 +183,13 @@ def write_shard(layout: Layout, manifest: ShardManifest, item_ids: Sequence[str]
     key = manifest.partition
     pt, items = layout.shard_pt(key), layout.shard_items(key)
     keep_previous(layout, key)
-    write_shard_pt(pt, item_ids, emb_fp16)
+    # Checksums of the bytes we wrote, not of what is on disk afterwards: a manifest vouches only for its own data.
+    manifest.shard_sha256 = write_shard_pt(pt, item_ids, emb_fp16)
     crash_point("shard_write")  # new .pt in place, manifest still the old one
-    write_shard_items(items, item_ids, text_hashes)
+    manifest.items_sha256 = write_shard_items(items, item_ids, text_hashes)
     manifest.shard_file = pt.name
-    manifest.shard_sha256 = sha256_file(pt)
     manifest.shard_bytes = pt.stat().st_size
     manifest.items_file = items.name
-    manifest.items_sha256 = sha256_file(items)
     manifest.write(layout.shard_manifest(key))
     return manifest
 
@@ -255,6 +285,24 @@ def validate_shard(ids: Sequence[str], emb: np.ndarray, expected_rows: int, dim:
     return problems, stats
 
 
+@contextmanager
+def partition_lock(layout: Layout, key: str, blocking: bool = True):
+    """An exclusive per-partition lock (flock): two writers of one partition never interleave their files, and
+    repair never touches a partition that is being written. Yields False when non-blocking and already held."""
+    lock_dir = layout.embeddings_dir / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{key}.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def remove_shard(layout: Layout, key: str, keep: bool = True) -> bool:
     """Delete a partition's shard files; the manifest goes first so nothing trusts a half-deleted shard. With
     `keep`, the shard stays in previous/ so items that moved elsewhere can still re-use their vectors."""
@@ -280,16 +328,8 @@ def summarize_norms(layout: Layout, partitions: Sequence[str], tol: float = NORM
         _, emb = load_verified(layout, m)
         norms = np.linalg.norm(emb.astype(np.float32), axis=1)
         all_norms.append(norms)
-        per_shard.append({"partition": key, "rows": len(emb), **norm_stats(emb, tol)})
-    norms = np.concatenate(all_norms) if all_norms else np.zeros(0, dtype=np.float32)
-    finite = np.isfinite(norms)
-    overall = {
-        "n_vectors": int(len(norms)),
-        "mean": float(norms[finite].mean()) if finite.any() else 0.0,
-        "std": float(norms[finite].std()) if finite.any() else 0.0,
-        "min": float(norms.min()) if len(norms) else 0.0,
-        "max": float(norms.max()) if len(norms) else 0.0,
-        "frac_outside_tol": float(np.mean(~finite | (np.abs(norms - 1) > tol))) if len(norms) else 0.0,
-        "tolerance": tol,
-    }
+        per_shard.append({"partition": key, "rows": len(emb), **_stats_of_norms(norms, tol)})
+    overall = {"n_vectors": sum(s["rows"] for s in per_shard),
+               **_stats_of_norms(np.concatenate(all_norms) if all_norms else np.zeros(0, np.float32), tol),
+               "tolerance": tol}
     return {"overall": overall, "shards": per_shard}

@@ -10,16 +10,19 @@ from embed_assets.core import catalog
 from embed_assets.core.index import IndexBuildError, load_index
 from embed_assets.core.items import ItemsError, load_row_groups
 from embed_assets.core.layout import Layout
-from embed_assets.core.shards import list_manifests, load_verified, remove_shard, verify_files
+from embed_assets.core.atomic import abandoned_temp_file
+from embed_assets.core.shards import list_manifests, load_verified, partition_lock, remove_shard, verify_files
 
 
-def verify(layout: Layout, repair: bool = False) -> dict[str, Any]:
+def verify(layout: Layout, repair: bool = False, check_index: bool = True) -> dict[str, Any]:
     problems: list[str] = []
     fixed: list[str] = []
 
     for folder in (layout.processed_dir, layout.embeddings_dir, layout.previous_dir, layout.index_dir,
                    layout.reports_dir):
         for tmp in sorted(folder.glob(".*.tmp")) if folder.exists() else []:
+            if not abandoned_temp_file(tmp):
+                continue  # a live writer's file: not ours to judge
             if repair:
                 tmp.unlink(missing_ok=True)
                 fixed.append(f"removed leftover temp file {tmp.relative_to(layout.home)}")
@@ -38,11 +41,15 @@ def verify(layout: Layout, repair: bool = False) -> dict[str, Any]:
             bad.append("partition no longer exists in processed_items")
         if bad:
             msg = f"shard {key}: {'; '.join(bad)}"
-            if repair:
-                remove_shard(layout, key, keep=False)
-                fixed.append(f"{msg} -> removed; the next run re-encodes {key}")
-            else:
+            if not repair:
                 problems.append(msg)
+                continue
+            with partition_lock(layout, key, blocking=False) as mine:
+                if not mine:
+                    continue  # being written right now; its writer finishes it
+                if (valid is not None and key not in valid) or verify_files(layout, m):
+                    remove_shard(layout, key, keep=False)
+                    fixed.append(f"{msg} -> removed; the next run re-encodes {key}")
         else:
             trusted[key] = m
 
@@ -73,7 +80,7 @@ def verify(layout: Layout, repair: bool = False) -> dict[str, Any]:
             problems.append(f"catalog lists shard {key}, which is not a trusted shard on disk")
 
     index_ok = None
-    if layout.index_manifest.exists():
+    if check_index and layout.index_manifest.exists():
         try:
             _, ids, manifest = load_index(layout)
             shard_ids = {i for m in trusted.values() for i in load_verified(layout, m)[0]}

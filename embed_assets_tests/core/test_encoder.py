@@ -49,13 +49,17 @@ def test_oom_halves_the_batch_and_goes_on(encoder32, texts, monkeypatch):
     encoder = encoder32
     ref, _ = encoder.encode(texts)
     model = encoder.model
-    calls = []
+    refused, served = [], []
 
     class OomOnBigBatches:
+        tokenizer = model.tokenizer
+
         def __call__(self, features):
-            calls.append(features["input_ids"].shape[0])
-            if features["input_ids"].shape[0] > 4:
+            n = features["input_ids"].shape[0]
+            if n > 4:
+                refused.append(n)
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            served.append(n)
             return model(features)
 
     monkeypatch.setattr(encoder, "_model", OomOnBigBatches())
@@ -64,7 +68,8 @@ def test_oom_halves_the_batch_and_goes_on(encoder32, texts, monkeypatch):
         got, stats = encoder.encode(texts)
     finally:
         encoder.token_budget = budget
-    assert stats.n_oom_splits > 0 and max(c for c in calls if c <= 4) <= 4
+    assert refused and stats.n_oom_splits > 0
+    assert sum(served) == stats.n_segments and max(served) <= 4
     assert np.allclose(got, ref, atol=1e-5)
 
 
@@ -81,12 +86,13 @@ def test_chunking_covers_long_texts(texts):
 
 
 def test_precision_auto_follows_the_hardware(encoder):
-    encoder.model  # precision is resolved when the model loads
     from embed_assets.core.encoder import cpu_has_native_bf16, resolve_precision
 
     assert resolve_precision("auto", "cuda") == "fp16"
     assert resolve_precision("fp32", "cpu") == "fp32"
-    assert encoder.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_native_bf16() else "fp32")
+    encoder.model  # precision is resolved when the model loads
+    assert encoder.precision == resolve_precision("auto", encoder.device)
 
 
 def test_encoder_knows_its_version_without_loading_the_model():

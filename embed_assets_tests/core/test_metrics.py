@@ -29,8 +29,21 @@ def test_evaluate_run_averages_over_judged_queries_only():
 def test_exact_top_k_and_ann_recall():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 16)).astype(np.float32)
-    top = exact_top_k(x, x[:5], 3)
+    top, scores = exact_top_k(x, x[:5], 3)
     brute = np.argsort(-(x[:5] @ x.T), axis=1)[:, :3]
     assert (top == brute).all()
-    assert ann_recall_at_k(brute, top, 3) == 1.0
-    assert ann_recall_at_k(np.array([[0, 1, 2]]), np.array([[0, 9, 8]]), 3) == pytest.approx(1 / 3)
+    assert np.allclose(scores, np.take_along_axis(x[:5] @ x.T, brute, axis=1))
+    assert ann_recall_at_k(brute, scores, top, scores, 3) == 1.0
+    wrong = np.array([[0, 9, 8]])
+    assert ann_recall_at_k(wrong, np.array([[5.0, 0.1, 0.0]]), np.array([[0, 1, 2]]),
+                           np.array([[5.0, 4.0, 3.0]]), 3) == pytest.approx(1 / 3)
+
+
+def test_ann_recall_counts_ties_and_handles_fewer_items_than_k():
+    # item 1 and 2 are identical (a duplicated text): returning 2 instead of 1 is right
+    assert ann_recall_at_k(np.array([[0, 2]]), np.array([[1.0, 0.9]]), np.array([[0, 1]]),
+                           np.array([[1.0, 0.9]]), 2) == 1.0
+    x = np.eye(3, dtype=np.float32)
+    top, scores = exact_top_k(x, x, 10)
+    assert top.shape == (3, 3)
+    assert ann_recall_at_k(top, scores, top, scores, 10) == 1.0

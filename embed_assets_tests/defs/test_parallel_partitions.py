@@ -43,7 +43,6 @@ def test_four_partitions_in_parallel_multiprocess_runs(settings, dagster_home, m
         records = instance.get_run_records()
         runs = [r for r in records if r.dagster_run.tags.get("dagster/partition") in keys]
         assert len(runs) == 4 and all(r.dagster_run.is_success for r in runs)
-        assert all(r.dagster_run.run_config is not None for r in runs)
         # They really overlapped in time.
         assert max(r.start_time for r in runs) < min(r.end_time for r in runs)
         # Each went through the multiprocess executor: its step ran in a child process.

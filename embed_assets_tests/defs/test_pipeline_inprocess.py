@@ -56,11 +56,13 @@ def test_graph_end_to_end_with_a_partition_per_row_group(settings):
     assert catalog.query(layout, "SELECT count(*) FROM shards") == [(4,)]
 
     # A re-run of a finished partition changes nothing.
-    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in layout.embeddings_dir.iterdir()}
+    files = lambda: {p.name: (p.stat().st_mtime_ns, p.read_bytes())  # noqa: E731
+                     for p in layout.embeddings_dir.rglob("*") if p.is_file()}
+    before = files()
     again = defs.resolve_job_def("embed_shards_job").execute_in_process(instance=instance, partition_key="rg_00002")
     m = again.asset_materializations_for_node("item_embeddings")[0].metadata
     assert m["skipped_unchanged"].value is True and m["n_encoded"].value == 0
-    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in layout.embeddings_dir.iterdir()} == before
+    assert files() == before
 
 
 def test_failing_norm_check_blocks_the_index(settings):

@@ -3,7 +3,8 @@ import warnings
 
 import dagster as dg
 
-from embed_assets.core.items import ItemsError, load_row_groups
+from embed_assets.core.items import ItemsError, load_row_groups, read_row_group
+from embed_assets.core.layout import row_group_of
 from embed_assets.core.shards import ShardError, load_verified, read_manifest, validate_shard
 from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
 from embed_assets.defs.embeddings.partitions import row_group_partitions
@@ -26,13 +27,16 @@ def shard_norm_check(context: dg.AssetCheckExecutionContext, home: HomeResource,
         if m is None:
             raise ShardError(f"partition {key} has no shard manifest; re-materialize it")
         ids, emb = load_verified(layout, m)
-        expected = next((rg["n_rows"] for rg in load_row_groups(layout) if rg["partition"] == key), None)
-        if expected is None:
+        if key not in {rg["partition"] for rg in load_row_groups(layout)}:
             raise ShardError(f"partition {key} is not a row group of processed_items any more")
+        group_ids = read_row_group(layout.items_parquet, row_group_of(key), ("item_id",)).column("item_id").to_pylist()
     except (ShardError, ItemsError) as e:
         return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
                                    metadata={"problems": str(e)})
+    expected = len(group_ids)
     problems, stats = validate_shard(ids, emb, expected, m.dim, thresholds.norm_tolerance)
+    if len(ids) == expected and ids != group_ids:
+        problems.append("the shard's item ids are not its row group's items (in order); re-materialize it")
     if problems:
         context.log.error(f"{key}: " + "; ".join(problems))
     return dg.AssetCheckResult(

@@ -1,10 +1,11 @@
+import hashlib
 import time
 
 import dagster as dg
 
 from embed_assets.core import catalog
 from embed_assets.core.items import ItemsError, process_items
-from embed_assets.core.shards import list_manifests, remove_shard
+from embed_assets.core.shards import list_manifests, partition_lock, remove_shard
 from embed_assets.defs.embeddings.partitions import row_group_partitions
 from embed_assets.defs.metadata import md_table
 from embed_assets.resources import HomeResource, ItemSource
@@ -32,7 +33,8 @@ def processed_items(context: dg.AssetExecutionContext, home: HomeResource, items
     for k in stale:
         if k in known:
             context.instance.delete_dynamic_partition(row_group_partitions.name, k)
-        remove_shard(layout, k)
+        with partition_lock(layout, k):
+            remove_shard(layout, k)
     synced = catalog.sync(layout, valid_partitions=set(keys))
 
     counts = result.reject_counts
@@ -58,5 +60,6 @@ def processed_items(context: dg.AssetExecutionContext, home: HomeResource, items
                                    [(rg["partition"], rg["n_rows"], rg["fingerprint"]) for rg in row_groups[:50]]),
             "files": md_table(["file"], [(f,) for f in result.files[:50]]),
         },
-        data_version=dg.DataVersion(":".join(rg["fingerprint"] for rg in row_groups)[:64]),
+        data_version=dg.DataVersion(
+            hashlib.sha256(":".join(rg["fingerprint"] for rg in row_groups).encode()).hexdigest()[:32]),
     )
