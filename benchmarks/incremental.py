@@ -1,6 +1,10 @@
 """Incremental cost: a full run, then a run after 1% of the items changed (half rewritten, half new), same process.
 
     python benchmarks/incremental.py [--csv ../shared/data/myntra/myntra_products_catalog.csv] [--change 0.01]
+                                     [--scale K]
+
+--scale K repeats the catalog K times (ids and descriptions suffixed with the copy number, so every text is
+distinct) to see how the ratio moves with catalog size: the fixed costs (three Dagster runs, the report) stay put.
 
 Both runs are the whole headless pipeline (`embed-assets run`: items, partitions, norms, index, report). Prints the
 second run's time as a ratio of the first, and n_encoded / n_reused of each.
@@ -31,6 +35,7 @@ def main() -> int:
     p.add_argument("--csv", default=str(DEFAULT_CSV))
     p.add_argument("--change", type=float, default=0.01)
     p.add_argument("--row-group-size", type=int, default=200_000)
+    p.add_argument("--scale", type=int, default=1)
     p.add_argument("--json")
     a = p.parse_args()
 
@@ -40,6 +45,9 @@ def main() -> int:
     with open(a.csv, newline="", encoding="utf-8") as fh:
         rows = [{"id": r["ProductID"], "name": r["ProductName"], "description": r["Description"]}
                 for r in csv.DictReader(fh)]
+    if a.scale > 1:
+        rows = [{"id": f"{r['id']}-{k}", "name": r["name"], "description": f"{r['description']} (copy {k})"}
+                for k in range(a.scale) for r in rows]
     tmp = Path(tempfile.mkdtemp(prefix="embed_incr_"))
     items = tmp / "items.jsonl"
     n_change = max(2, int(len(rows) * a.change))

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from embed_assets.settings import Settings
+from embed_assets.core.layout import home_from_env
+from embed_assets.settings import Settings, split_fields
 
 
 def _instance():
@@ -152,7 +153,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.id_field:
         s.id_field = a.id_field
     if a.text_fields:
-        s.text_fields = [f.strip() for f in a.text_fields.split(",") if f.strip()]
+        s.text_fields = split_fields(a.text_fields)
     if a.row_group_size:
         s.row_group_size = a.row_group_size
     for k in ("min_ndcg_at_10", "min_recall_at_100", "min_ann_recall_at_10", "norm_tolerance"):
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="embed-assets", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="materialize the whole graph headless")
-    r.add_argument("--home", default=os.environ.get("EMBED_ASSETS_HOME", "data"),
+    r.add_argument("--home", default=home_from_env(),
                    help="platform HOME (default: $EMBED_ASSETS_HOME or ./data)")
     r.add_argument("--items", action="append", help="raw item file or folder (repeatable); default: bundled SciFact")
     r.add_argument("--id-field", help="id field (default _id)")
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--chunking", action="store_true")
     e.set_defaults(fn=cmd_encode)
     v = sub.add_parser("verify", help="check shards, catalog and index against each other (and --repair)")
-    v.add_argument("--home", default=os.environ.get("EMBED_ASSETS_HOME", "data"))
+    v.add_argument("--home", default=home_from_env())
     v.add_argument("--repair", action="store_true",
                    help="remove temp files, orphans and untrusted shards; resync the catalog")
     v.set_defaults(fn=cmd_verify)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from embed_assets.core.layout import home_from_env
+
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data" / "scifact"
 SAMPLE_CORPUS = SAMPLE_DIR / "corpus.jsonl.gz"
 SAMPLE_QUERIES = SAMPLE_DIR / "queries.jsonl.gz"
@@ -17,6 +19,11 @@ SAMPLE_QRELS = SAMPLE_DIR / "qrels" / "test.tsv"
 # The sample is 5,183 items: 1,000-row groups make six partitions, enough to see partitioning at work.
 SAMPLE_ROW_GROUP_SIZE = 1_000
 DEFAULT_ROW_GROUP_SIZE = 200_000
+
+
+def split_fields(value: str) -> list[str]:
+    """"title, text" -> ["title", "text"]."""
+    return [f.strip() for f in value.split(",") if f.strip()]
 
 
 @dataclass
@@ -45,12 +52,12 @@ class Settings:
     @classmethod
     def from_env(cls) -> "Settings":
         env = os.environ
-        home = env.get("EMBED_ASSETS_HOME", "data")
+        home = home_from_env()
         items = env.get("EMBED_ASSETS_ITEMS")
         s = cls(home=home, items=items.split(os.pathsep)) if items else cls.sample(home)
         s.id_field = env.get("EMBED_ASSETS_ID_FIELD", s.id_field)
         if env.get("EMBED_ASSETS_TEXT_FIELDS"):
-            s.text_fields = [f.strip() for f in env["EMBED_ASSETS_TEXT_FIELDS"].split(",") if f.strip()]
+            s.text_fields = split_fields(env["EMBED_ASSETS_TEXT_FIELDS"])
         if env.get("EMBED_ASSETS_ROW_GROUP_SIZE"):
             s.row_group_size = int(env["EMBED_ASSETS_ROW_GROUP_SIZE"])
         s.queries = env.get("EMBED_ASSETS_QUERIES", s.queries)

@@ -6,11 +6,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_HOME_ENV = "EMBED_ASSETS_HOME"
+HOME_ENV = "EMBED_ASSETS_HOME"
 
 
-def default_home() -> Path:
-    return Path(os.environ.get(DEFAULT_HOME_ENV, "data")).resolve()
+def home_from_env() -> str:
+    """HOME as the user set it: $EMBED_ASSETS_HOME, else ./data."""
+    return os.environ.get(HOME_ENV, "data")
 
 
 def partition_key(row_group: int) -> str:

@@ -47,7 +47,7 @@ def evaluate(
     # ANN recall@10 against exact search on a sample of items (1.0 by construction for a flat index).
     sample = np.sort(rng.choice(n, size=min(n_ann_sample, n), replace=False))
     ann_scores, ann = index.search(vectors[sample], 10)
-    exact, exact_scores = exact_top_k(vectors, vectors[sample], 10)
+    exact, exact_scores = exact_top_k(vectors, vectors[sample], 10)  # brute force, independent of the index
     report: dict[str, Any] = {
         "n_items": n,
         "index_kind": manifest.get("kind"),

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -241,15 +242,29 @@ def read_verified_bytes(path: Path, sha256: str, partition: str) -> bytes:
     return data
 
 
+# Parsed shards by checksum of their verified bytes: in one process (CLI, in-process runs) the check, the norm summary,
+# re-use and the index build read the same shard; torch's weights_only unpickler is the slow part, the hash is not.
+_PARSED: "OrderedDict[str, tuple[list[str], np.ndarray]]" = OrderedDict()
+_PARSED_MAX = 2
+
+
 def load_verified(layout: Layout, m: ShardManifest, folder: Path | None = None) -> tuple[list[str], np.ndarray]:
     """A shard's ids and fp16 vectors, only if the file is byte for byte what its manifest vouches for."""
     import io
 
     data = read_verified_bytes((folder or layout.embeddings_dir) / m.shard_file, m.shard_sha256, m.partition)
+    if m.shard_sha256 in _PARSED:
+        _PARSED.move_to_end(m.shard_sha256)
+        ids, emb = _PARSED[m.shard_sha256]
+        return list(ids), emb.copy()
     try:
-        return _load_pt(io.BytesIO(data))
+        ids, emb = _load_pt(io.BytesIO(data))
     except Exception as e:
         raise ShardError(f"shard {m.partition}: unreadable ({e}); re-materialize partition {m.partition}") from e
+    _PARSED[m.shard_sha256] = (ids, emb)
+    while len(_PARSED) > _PARSED_MAX:
+        _PARSED.popitem(last=False)
+    return list(ids), emb.copy()
 
 
 def load_verified_items(layout: Layout, m: ShardManifest, folder: Path | None = None):

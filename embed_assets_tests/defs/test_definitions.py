@@ -34,3 +34,47 @@ def test_workspace_yaml_points_at_the_definitions_module():
 
     text = (pathlib.Path(__file__).parents[2] / "workspace.yaml").read_text()
     assert "module_name: embed_assets.definitions" in text
+
+
+def test_dagster_webserver_serves_the_whole_graph(tmp_path):
+    """What `dagster dev` shows: the webserver loads workspace.yaml and its GraphQL API lists every asset and check."""
+    import json
+    import os
+    import pathlib
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = pathlib.Path(__file__).parents[2]
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "EMBED_ASSETS_HOME": str(tmp_path / "home")}
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    proc = subprocess.Popen([str(pathlib.Path(sys.executable).with_name("dagster-webserver")), "-w",
+                             str(root / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    query = {"query": "{ assetNodes { assetKey { path } assetChecksOrError { ... on AssetChecks { checks { name } } } } }"}
+    try:
+        deadline = time.monotonic() + 120
+        data = None
+        while time.monotonic() < deadline:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps(query).encode(),
+                                             headers={"Content-Type": "application/json"})
+                data = json.loads(urllib.request.urlopen(req, timeout=10).read())
+                if data.get("data", {}).get("assetNodes"):
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert data and data.get("data"), data
+        nodes = data["data"]["assetNodes"]
+        assert {"/".join(n["assetKey"]["path"]) for n in nodes} == {
+            "processed_items", "item_embeddings", "embedding_norms", "faiss_index", "retrieval_report"}
+        checks = {c["name"] for n in nodes for c in (n["assetChecksOrError"].get("checks") or [])}
+        assert checks == {"shard_norm_check", "all_norms_within_tolerance", "retrieval_quality_check"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
