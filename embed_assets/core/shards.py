@@ -93,7 +93,13 @@ def _stats_of_norms(norms: np.ndarray, tol: float) -> dict[str, float]:
 
 def norm_stats(emb: np.ndarray, tol: float = NORM_TOLERANCE) -> dict[str, float]:
     """mean/std/min/max of the vectors' L2 norms and the fraction outside 1 ± tol (NaN/inf count as outside)."""
-    return _stats_of_norms(np.linalg.norm(emb.astype(np.float32), axis=1) if len(emb) else np.zeros(0), tol)
+    return _stats_of_norms(row_norms(emb), tol)
+
+
+def row_norms(emb: np.ndarray) -> np.ndarray:
+    """L2 norm of each row, computed in fp32 (fp16 squares would overflow for non-unit inputs)."""
+    x = np.asarray(emb, dtype=np.float32)
+    return np.sqrt(np.einsum("ij,ij->i", x, x)) if len(x) else np.zeros(0, dtype=np.float32)
 
 
 def norms_within(norms: dict[str, float], tol: float) -> bool:
@@ -288,7 +294,7 @@ def validate_shard(ids: Sequence[str], emb: np.ndarray, expected_rows: int, dim:
         problems.append(f"{len(ids)} ids but {len(emb)} vectors")
     if len(ids) != expected_rows:
         problems.append(f"{len(ids)} rows, expected {expected_rows} (the row group's non-empty texts)")
-    n_nonfinite = int((~np.isfinite(emb.astype(np.float32))).any(axis=1).sum()) if emb.size else 0
+    n_nonfinite = int((~np.isfinite(emb)).any(axis=1).sum()) if emb.size else 0
     if n_nonfinite:
         problems.append(f"{n_nonfinite} vectors hold NaN or inf")
     n_dup = len(ids) - len(set(ids))
@@ -341,7 +347,7 @@ def summarize_norms(layout: Layout, partitions: Sequence[str], tol: float = NORM
         if m is None:
             raise ShardError(f"partition {key} has no shard yet; materialize item_embeddings for it")
         _, emb = load_verified(layout, m)
-        norms = np.linalg.norm(emb.astype(np.float32), axis=1)
+        norms = row_norms(emb)
         all_norms.append(norms)
         per_shard.append({"partition": key, "rows": len(emb), **_stats_of_norms(norms, tol)})
     overall = {"n_vectors": sum(s["rows"] for s in per_shard),
