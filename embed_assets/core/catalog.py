@@ -14,7 +14,10 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import duckdb
 
 from embed_assets.core.faults import crash_point
 from embed_assets.core.layout import Layout

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Sequence
 
 from embed_assets.core.atomic import sha256_file

@@ -8,7 +8,7 @@ Faithful to `SentenceTransformer.encode` (same tokenizer, truncation, mean pooli
 - bf16 autocast on CPUs with native bf16 (fp16 on CUDA) unless precision="fp32";
 - on an out-of-memory error the batch is halved and encoding goes on (as the seed notebook did);
 - optional full-coverage chunking: long texts are split into overlapping windows, mean-pooled, re-normalized.
-Heavy imports (torch, sentence-transformers) happen when an Encoder is built, never at module import.
+Heavy imports (torch, sentence-transformers) happen when the model first loads, never at module import.
 """
 
 from __future__ import annotations

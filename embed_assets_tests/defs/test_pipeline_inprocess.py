@@ -9,7 +9,6 @@ from embed_assets.core import catalog
 from embed_assets.core.layout import Layout
 from embed_assets.definitions import ASSETS, CHECKS, build_definitions, build_resources
 from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
-from embed_assets.defs.embeddings.checks import shard_norm_check
 from embed_assets.defs.index.assets import faiss_index
 from embed_assets.defs.items.assets import processed_items
 

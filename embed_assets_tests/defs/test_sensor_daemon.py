@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from embed_assets.core import catalog
 from embed_assets.core.layout import Layout
