@@ -131,9 +131,10 @@ def _finish(layout, summary: dict[str, Any], t0: float, log) -> tuple[int, dict[
     log("")
     for k in ("n_items", "n_rejected", "n_duplicates", "n_partitions", "n_encoded", "n_reused"):
         if k in summary:
-            log(f"  {k:<14} {summary[k]:,}")
+            log(f"  {k:<18} {summary[k]:,}")
     for k, v in summary.get("report", {}).items():
-        log(f"  {k:<14} {v:.5f}" if isinstance(v, float) else f"  {k:<14} {v:,}")
+        if k not in summary:
+            log(f"  {k:<18} {v:.5f}" if isinstance(v, float) else f"  {k:<18} {v:,}")
     for c in failed_checks:
         log(f"  CHECK FAILED  {c['check']} {c.get('partition') or ''}: {c['detail']}")
     for f in summary["failures"]:
