@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embed_assets.core.atomic import atomic_write, atomic_write_json, sha256_file
+from embed_assets.core.encoder import EMBEDDING_DIM
 from embed_assets.core.faults import crash_point
 from embed_assets.core.layout import Layout
 
@@ -96,10 +97,6 @@ def load_index(layout: Layout):
     return index, ids, manifest
 
 
-def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-
-
 def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: str = "flat",
                       tol: float | None = None) -> dict[str, Any]:
     """Index every current shard, refusing stale, untrusted, mixed-version or failing-norm shards."""
@@ -136,7 +133,7 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
         shard_ids, emb = load_verified(layout, m)
         ids.extend(shard_ids)
         parts.append(emb.astype(np.float32))
-    vectors = np.concatenate(parts) if parts else np.zeros((0, 384), dtype=np.float32)
+    vectors = np.concatenate(parts) if parts else np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
     if len(set(ids)) != len(ids):
         raise IndexBuildError("index not built: an item id occurs in two shards; re-materialize processed_items")
     index = build_index(vectors, kind)

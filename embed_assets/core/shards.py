@@ -132,16 +132,6 @@ def _load_pt(source) -> tuple[list[str], np.ndarray]:
     return list(data["item_id"]), data["embeddings"].numpy()
 
 
-def load_shard_pt(path: Path) -> tuple[list[str], np.ndarray]:
-    """Load a shard exactly as the seed's next notebook does, returning ids and fp16 vectors."""
-    try:
-        return _load_pt(path)
-    except FileNotFoundError:
-        raise ShardError(f"{path}: shard file is missing; re-materialize its partition") from None
-    except Exception as e:
-        raise ShardError(f"{path}: unreadable shard ({type(e).__name__}: {e}); re-materialize its partition") from e
-
-
 def write_shard_items(path: Path, item_ids: Sequence[str], text_hashes: Sequence[str]) -> str:
     import io
 

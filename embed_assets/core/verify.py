@@ -3,7 +3,6 @@ catalog against the trusted shards, and the index against the catalog. Says what
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from embed_assets.core import catalog
@@ -101,7 +100,3 @@ def format_report(r: dict[str, Any]) -> str:
     lines += [f"  fixed: {f}" for f in r["fixed"]]
     lines += [f"  problem: {p}" for p in r["problems"]]
     return "\n".join(lines)
-
-
-def as_json(r: dict[str, Any]) -> str:
-    return json.dumps(r, indent=2)
