@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
 
 from embed_assets.core import catalog
 from embed_assets.core.layout import Layout
@@ -62,6 +63,27 @@ def test_new_file_in_watched_folder_updates_everything(tmp_path, dagster_home):
         assert manifest["n_items"] == 60 and manifest["partitions"] == ["rg_00000", "rg_00001", "rg_00002"]
         # The unchanged partition was not touched (same manifest: same checksums, same creation time).
         assert layout.shard_manifest("rg_00000").read_text() == first_shard
+
+        # A backfill of every row group from the CLI: one run per partition, each finds its shard current.
+        keys = ["rg_00000", "rg_00001", "rg_00002"]
+        manifests = {k: layout.shard_manifest(k).read_text() for k in keys}
+        root = Path(__file__).parents[2]
+        bf = subprocess.run([str(Path(sys.executable).with_name("dagster")), "job", "backfill", "-w",
+                             str(root / "workspace.yaml"), "-j", "embed_shards_job", "--partitions", ",".join(keys),
+                             "--noprompt"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert bf.returncode == 0, bf.stdout[-2000:] + bf.stderr[-2000:]
+
+        def backfill_runs():
+            with dg.DagsterInstance.get() as instance:
+                backfills = instance.get_backfills()
+                if not backfills:
+                    return []
+                return instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfills[0].backfill_id}))
+
+        _wait_for(lambda: len(backfill_runs()) == 3 and all(r.is_success for r in backfill_runs()), 480,
+                  "backfill runs", proc, log)
+        assert sorted(r.tags["dagster/partition"] for r in backfill_runs()) == keys
+        assert {k: layout.shard_manifest(k).read_text() for k in keys} == manifests
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
