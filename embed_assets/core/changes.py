@@ -13,7 +13,7 @@ from embed_assets.core.atomic import sha256_file
 from embed_assets.core.index import IndexBuildError, read_index_manifest
 from embed_assets.core.items import ItemsError, discover_files, load_row_groups
 from embed_assets.core.layout import Layout
-from embed_assets.core.shards import ShardError, embedding_fingerprint, read_manifest
+from embed_assets.core.shards import ShardError, embedding_fingerprint, read_manifest, verify_files
 
 
 def fingerprint_files(paths: Sequence[str], known: dict[str, list] | None = None) -> tuple[dict[str, list], str]:
@@ -48,7 +48,7 @@ def stale_partitions(layout: Layout, version: dict[str, Any]) -> list[tuple[str,
             m = read_manifest(layout, rg["partition"])
         except ShardError:
             m = None
-        if m is None or m.fingerprint != want or not _files_intact(layout, m):
+        if m is None or m.fingerprint != want or verify_files(layout, m, _cached_sha256):
             out.append((rg["partition"], want))
     return out
 
@@ -56,21 +56,17 @@ def stale_partitions(layout: Layout, version: dict[str, Any]) -> list[tuple[str,
 _HASHES: dict[tuple, str] = {}
 
 
-def _files_intact(layout: Layout, m) -> bool:
-    """Checksums against the manifest, cached by (path, size, mtime, inode): a sensor tick re-hashes only files
-    that were written since the last tick, so a corrupted shard is noticed without hashing every shard each time."""
-    for name, expected in ((m.shard_file, m.shard_sha256), (m.items_file, m.items_sha256)):
-        path = layout.embeddings_dir / name
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return False
+def _cached_sha256(path) -> str:
+    """sha256 cached by (path, size, mtime, inode): a sensor tick re-hashes only files written since the last
+    tick, so a corrupted shard is still noticed without hashing every shard on every tick."""
+    try:
+        st = path.stat()
         key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
         if key not in _HASHES:
             _HASHES[key] = sha256_file(path)
-        if _HASHES[key] != expected:
-            return False
-    return True
+    except FileNotFoundError:
+        return ""  # removed meanwhile: not intact
+    return _HASHES[key]
 
 
 def index_state(layout: Layout) -> tuple[bool, str]:

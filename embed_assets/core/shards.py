@@ -18,7 +18,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -212,14 +212,15 @@ def list_manifests(layout: Layout, folder: Path | None = None) -> list[ShardMani
     return out
 
 
-def verify_files(layout: Layout, m: ShardManifest) -> list[str]:
+def verify_files(layout: Layout, m: ShardManifest,
+                 hasher: Callable[[Path], str] = sha256_file) -> list[str]:
     """Problems with a shard's files against its manifest (empty list: the files are what the manifest says)."""
     problems = []
     for name, expected in ((m.shard_file, m.shard_sha256), (m.items_file, m.items_sha256)):
         path = layout.embeddings_dir / name
         if not path.exists():
             problems.append(f"{name} is missing")
-        elif sha256_file(path) != expected:
+        elif hasher(path) != expected:
             problems.append(f"{name} checksum mismatch (file changed or corrupt)")
     return problems
 
