@@ -118,11 +118,15 @@ def _pt_bytes(item_ids: Sequence[str], emb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_shard_pt(path: Path, item_ids: Sequence[str], emb: np.ndarray) -> str:
-    """Write the seed-format shard atomically; returns the sha256 of exactly the bytes written."""
-    data = _pt_bytes(item_ids, emb)
+def _write_hashed(path: Path, data: bytes) -> str:
+    """Write atomically; return the sha256 of exactly the bytes written (not of what is on disk afterwards)."""
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
+
+
+def write_shard_pt(path: Path, item_ids: Sequence[str], emb: np.ndarray) -> str:
+    """Write the seed-format shard; returns its sha256."""
+    return _write_hashed(path, _pt_bytes(item_ids, emb))
 
 
 def _load_pt(source) -> tuple[list[str], np.ndarray]:
@@ -143,9 +147,7 @@ def write_shard_items(path: Path, item_ids: Sequence[str], text_hashes: Sequence
                       "text_hash": pa.array(list(text_hashes), pa.string())})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    data = buf.getvalue()
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+    return _write_hashed(path, buf.getvalue())
 
 
 def keep_previous(layout: Layout, key: str) -> None:
