@@ -64,6 +64,18 @@ def ann_recall_at_k(ann_ids: np.ndarray, ann_scores: np.ndarray, exact_ids: np.n
     return float(np.mean(hits)) if hits else 0.0
 
 
+def drop_self(ids: np.ndarray, scores: np.ndarray, self_rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k lists with each query's own row removed (searched with k + 1): an item used as a query is not its own
+    neighbour, so rank 1 is never a free hit."""
+    out_ids = np.full((len(ids), k), -1, dtype=np.int64)
+    out_scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
+    for q, (row, sc, me) in enumerate(zip(ids, scores, self_rows)):
+        keep = row != me
+        out_ids[q, : min(k, int(keep.sum()))] = row[keep][:k]
+        out_scores[q, : min(k, int(keep.sum()))] = sc[keep][:k]
+    return out_ids, out_scores
+
+
 def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-k (ids, scores) by inner product: FAISS's blocked BLAS k-NN, no index involved."""
     import faiss

@@ -47,3 +47,26 @@ def test_ann_recall_counts_ties_and_handles_fewer_items_than_k():
     top, scores = exact_top_k(x, x, 10)
     assert top.shape == (3, 3)
     assert ann_recall_at_k(top, scores, top, scores, 10) == 1.0
+
+
+def test_leaving_the_query_item_out_removes_the_free_rank_one_hit():
+    """An index that only ever finds the query item itself scores 1/k with its own row counted, 0 without it."""
+    from embed_assets.core.metrics import drop_self
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rows = np.array([3, 17, 42])
+    exact, exact_scores = exact_top_k(x, x[rows], 11)
+    assert (exact[:, 0] == rows).all()  # each item is its own nearest neighbour
+    # a useless "index": the item itself, then the farthest items
+    far = np.argsort(x[rows] @ x.T, axis=1)[:, :10]
+    useless = np.concatenate([rows[:, None], far], axis=1)
+    useless_scores = np.take_along_axis(x[rows] @ x.T, useless, axis=1).astype(np.float32)
+    with_self = ann_recall_at_k(useless, useless_scores, exact, exact_scores, 10)
+    assert with_self == pytest.approx(0.1)
+    a, sa = drop_self(useless, useless_scores, rows, 10)
+    e, se = drop_self(exact, exact_scores, rows, 10)
+    assert not (a == rows[:, None]).any() and not (e == rows[:, None]).any()
+    assert ann_recall_at_k(a, sa, e, se, 10) == 0.0
+    assert ann_recall_at_k(e, se, e, se, 10) == 1.0

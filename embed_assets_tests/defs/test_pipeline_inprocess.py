@@ -1,6 +1,7 @@
 """Real in-process Dagster materializations of the whole graph on real SciFact text."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import torch
@@ -36,7 +37,12 @@ def test_graph_end_to_end_with_a_partition_per_row_group(settings):
     assert all(e.passed for e in evals)
     emb_meta = results[0].asset_materializations_for_node("item_embeddings")[0].metadata
     assert emb_meta["rows"].value == 30 and emb_meta["n_encoded"].value == 30
-    assert emb_meta["items_per_s"].value > 0 and emb_meta["model_revision"].value.endswith("53aa51172d14")
+    import hashlib
+
+    from embed_assets.core.encoder import bundled_model_path
+
+    weights = hashlib.sha256((bundled_model_path() / "model.safetensors").read_bytes()).hexdigest()
+    assert emb_meta["items_per_s"].value > 0 and emb_meta["model_revision"].value.endswith("+" + weights[:12])
 
     layout = Layout.at(settings.home)
     # the seed's next notebook reads every shard unchanged
@@ -48,7 +54,8 @@ def test_graph_end_to_end_with_a_partition_per_row_group(settings):
     for k in ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10", "ann_recall_at_10", "n_items",
               "n_queries", "latency_ms"):
         assert k in report
-    assert report["n_items"] == 120 and report["ann_recall_at_10"] == 1.0
+    assert report["n_items"] == 120 and report["ann_recall_at_10"] == 1.0  # a flat index is exact search
+    assert report["ann_query_source"] == "labelled queries (held out)"
     assert set(report["latency_ms"]) >= {"p50", "p95", "p99"}
     assert len(report["smoke_test"]) == 5 and all(len(s["neighbours"]) == 5 for s in report["smoke_test"])
     assert layout.report_md.read_text().startswith("# Retrieval evaluation")
@@ -99,3 +106,33 @@ def test_norm_summary_check_blocks_the_index_in_the_unpartitioned_run(settings):
         [("all_norms_within_tolerance", False)]
     assert {e.asset_key.to_user_string() for e in res.get_asset_materialization_events()} == {"embedding_norms"}
     assert not Layout.at(settings.home).index_file.exists()
+
+
+def test_norm_check_fails_a_shard_encoded_from_other_text(settings, monkeypatch):
+    """Same ids, same order, but one item's text changed in processed_items and its shard was not rewritten: the
+    check compares text hashes, not only ids, and names the item."""
+    from embed_assets.defs.embeddings.checks import shard_norm_check
+    from embed_assets_tests.conftest import write_jsonl
+
+    resources = build_resources(settings)
+    instance = dg.DagsterInstance.ephemeral()
+    dg.materialize([processed_items], resources=resources, instance=instance)
+    dg.materialize([*ASSETS, *CHECKS], selection=[item_embeddings], partition_key="rg_00001",
+                   resources=resources, instance=instance)
+    rows = [json.loads(line) for line in open(settings.items[0], encoding="utf-8")]
+    edited = rows[31]["_id"]
+    rows[31]["title"] = "An entirely different title " + rows[31]["title"]
+    write_jsonl(Path(settings.items[0]), rows)
+    dg.materialize([processed_items], resources=resources, instance=instance)
+    # The shard is not rewritten (as if its writer had skipped it): the asset step returns the old shard as is.
+    from embed_assets.core.embed import EmbedOutcome
+    from embed_assets.core.shards import read_manifest
+
+    monkeypatch.setattr("embed_assets.defs.embeddings.assets.embed_partition",
+                        lambda layout, key, *a, **kw: EmbedOutcome(read_manifest(layout, key), skipped=True))
+    result = dg.materialize([*ASSETS, *CHECKS], selection=[item_embeddings], partition_key="rg_00001",
+                            resources=resources, instance=instance, raise_on_error=False)
+    [ev] = result.get_asset_check_evaluations()
+    assert not ev.passed
+    assert "1 items were encoded from other text" in ev.metadata["problems"].value
+    assert edited in ev.metadata["problems"].value
