@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from embed_assets.core.layout import home_from_env
-from embed_assets.settings import Settings, split_fields
+from embed_assets.settings import (SAMPLE_CORPUS, SAMPLE_PUBLISHED, SAMPLE_PUBLISHED_SOURCE, SAMPLE_QRELS,
+                                   SAMPLE_QUERIES, Settings, split_fields)
 
 
 def _instance():
@@ -93,6 +94,8 @@ def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
         instance.add_dynamic_partitions(row_group_partitions.name, missing)
     log(f"[2/3] item_embeddings: {len(keys)} partition(s), {summary['n_items']:,} items")
     n_encoded = n_reused = 0
+    precisions: list[str] = []  # what ran, over the partitions that encoded something
+    probes: list[dict] = []
     embed_job = defs.resolve_job_def("embed_shards_job")
     for i, key in enumerate(keys, 1):
         res = embed_job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False,
@@ -102,10 +105,15 @@ def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
         for m in _meta(res, "item_embeddings"):
             n_encoded += m["n_encoded"]
             n_reused += m["n_reused"]
+            if m["n_encoded"] and m.get("precision") and m["precision"] not in precisions:
+                precisions.append(m["precision"])
+            if m["n_encoded"] and isinstance(m.get("precision_probe"), dict) and m["precision_probe"] not in probes:
+                probes.append(m["precision_probe"])
             log(f"      {key} ({i}/{len(keys)}): {m['rows']:,} rows, encoded {m['n_encoded']:,}, "
                 f"re-used {m['n_reused']:,}{' (unchanged, skipped)' if m['skipped_unchanged'] else ''}, "
                 f"{m['items_per_s']:.1f} items/s")
     summary.update(n_encoded=n_encoded, n_reused=n_reused, n_partitions=len(keys))
+    summary.update(_precision_summary(precisions, probes, settings))
     if summary["failures"] or not all(c["passed"] for c in summary["checks"]):
         return _finish(layout, summary, t0, log)
 
@@ -116,9 +124,69 @@ def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
     summary["checks"] += _checks(res)
     report = _meta(res, "retrieval_report")
     if report:
-        summary["report"] = {k: report[0][k] for k in ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10",
+        summary["report"] = {k: report[0][k] for k in ("ndcg_at_1", "ndcg_at_10", "ndcg_at_100", "recall_at_1",
+                                                       "recall_at_10", "recall_at_100", "mrr_at_10",
                                                        "ann_recall_at_10", "n_queries", "n_items") if k in report[0]}
+        if _is_bundled_sample(settings):
+            summary["vs_published"] = vs_published(summary["report"])
     return _finish(layout, summary, t0, log)
+
+
+def vs_published(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """This run's numbers beside the published ones (settings.SAMPLE_PUBLISHED), for the metrics the report has."""
+    return {k: {"this_run": report[k], "published": pub, "delta": round(report[k] - pub, 5)}
+            for k, pub in SAMPLE_PUBLISHED.items() if isinstance(report.get(k), float)}
+
+
+def _same_path(a, b) -> bool:
+    try:
+        return a is not None and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _is_bundled_sample(settings: Settings) -> bool:
+    """The run is the bundled SciFact sample with its test queries: its numbers compare with the published ones."""
+    return (len(settings.items) == 1 and _same_path(settings.items[0], SAMPLE_CORPUS)
+            and _same_path(settings.queries, SAMPLE_QUERIES) and _same_path(settings.qrels, SAMPLE_QRELS))
+
+
+def _precision_summary(precisions: list[str], probes: list[dict], settings: Settings) -> dict[str, Any]:
+    """What precision encoded this run's vectors (from the item_embeddings metadata: one value, or a list if the
+    partitions differed; None if nothing was encoded) and the auto probe's verdict behind it."""
+    from embed_assets.core.encoder import cpu_info, last_auto_precision
+
+    out: dict[str, Any] = {"precision": (precisions[0] if len(precisions) == 1 else sorted(precisions) or None),
+                           "precision_requested": settings.precision, "cpu": cpu_info()}
+    probe = probes[0] if len(probes) == 1 else (probes or None)
+    if probe is None and settings.precision == "auto" and precisions:
+        last = last_auto_precision()  # the in-process runs' encoder decided it; same process, same verdict
+        probe = last["probe"] if last else None
+    if probe is not None:
+        keep = ("candidate", "passed", "mean_cos", "min_cos", "n_texts", "bound_mean_cos", "bound_min_cos", "cached",
+                "reason", "cpu", "cpu_bf16_flags", "gpu", "torch", "device")
+        probe = ([{k: p.get(k) for k in keep if k in p} for p in probe] if isinstance(probe, list)
+                 else {k: probe.get(k) for k in keep if k in probe})
+    out["precision_probe"] = probe
+    return out
+
+
+def _precision_line(summary: dict[str, Any]) -> str:
+    ran = summary.get("precision")
+    ran = ", ".join(ran) if isinstance(ran, list) else (ran or "n/a (nothing encoded)")
+    probe = summary.get("precision_probe")
+    if isinstance(probe, list):
+        probe = probe[0]
+    if not probe:
+        why = " (asked for)" if summary.get("precision_requested") not in (None, "auto") else ""
+        return f"precision: {ran}{why}"
+    if probe.get("mean_cos") is not None:
+        detail = (f"probe: {probe.get('candidate')} {'passed' if probe.get('passed') else 'FAILED'}, mean cos "
+                  f"{probe['mean_cos']:.6f}, min {probe['min_cos']:.6f} over {probe.get('n_texts')} texts"
+                  f"{', cached' if probe.get('cached') else ''}")
+    else:
+        detail = probe.get("reason") or "no probe"
+    return f"precision: {ran} ({detail})"
 
 
 def _finish(layout, summary: dict[str, Any], t0: float, log) -> tuple[int, dict[str, Any]]:
@@ -135,6 +203,16 @@ def _finish(layout, summary: dict[str, Any], t0: float, log) -> tuple[int, dict[
     for k, v in summary.get("report", {}).items():
         if k not in summary:
             log(f"  {k:<18} {v:.5f}" if isinstance(v, float) else f"  {k:<18} {v:,}")
+    if "precision" in summary:
+        cpu = summary.get("cpu") or {}
+        log(f"  {_precision_line(summary)}")
+        log(f"  cpu: {cpu.get('model', '?')} (bf16 flags: {', '.join(cpu.get('bf16_flags') or []) or 'none'})")
+    if summary.get("vs_published"):
+        log("")
+        log(f"  SciFact test vs the published table ({SAMPLE_PUBLISHED_SOURCE}):")
+        log(f"  {'metric':<14} {'this run':>9} {'published':>10} {'delta':>9}")
+        for k, row in summary["vs_published"].items():
+            log(f"  {k:<14} {row['this_run']:>9.5f} {row['published']:>10.5f} {row['delta']:>+9.5f}")
     for c in failed_checks:
         log(f"  CHECK FAILED  {c['check']} {c.get('partition') or ''}: {c['detail']}")
     for f in summary["failures"]:
@@ -192,7 +270,8 @@ def cmd_encode(a: argparse.Namespace) -> int:
     enc = Encoder(max_seq_length=a.max_seq_length, device=a.device, precision=a.precision, chunking=a.chunking)
     vecs, stats = enc.encode(texts, progress=lambda m: print(m, file=sys.stderr))
     atomic_write(Path(a.output), lambda tmp: np.save(open(tmp, "wb"), vecs.astype(np.float16)))
-    print(json.dumps({"output": a.output, "rows": len(texts), **stats.as_dict()}))
+    print(json.dumps({"output": a.output, "rows": len(texts), "precision": enc.precision,
+                      "precision_probe": enc.precision_probe, **stats.as_dict()}))
     return 0
 
 
@@ -224,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--index-kind", default="flat", choices=["flat", "hnsw"])
     r.add_argument("--device", default="auto")
     r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: fp16 on CUDA, bf16 autocast on CPUs with native bf16, else fp32")
+                   help="auto: the fastest precision that is faithful on this machine: fp16 on CUDA or bf16 autocast "
+                        "on a CPU with native bf16 if a probe finds its vectors within cosine 0.9999 (mean) / 0.999 "
+                        "(min) of fp32, else fp32 ($EMBED_ASSETS_PRECISION_PROBE=off skips the probe)")
     r.add_argument("--chunking", action="store_true", help="encode long texts in overlapping windows")
     r.set_defaults(fn=cmd_run)
     e = sub.add_parser("encode", help="encode a JSONL file to a float16 .npy (rows in input order)")
@@ -233,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--output", required=True)
     e.add_argument("--max-seq-length", type=int, default=256)
     e.add_argument("--device", default="auto")
-    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="as for run: auto = the fastest precision the faithfulness probe accepts here")
     e.add_argument("--chunking", action="store_true")
     e.set_defaults(fn=cmd_encode)
     v = sub.add_parser("verify", help="check shards, catalog and index against each other (and --repair)")

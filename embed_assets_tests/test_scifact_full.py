@@ -1,25 +1,139 @@
-"""Acceptance: the full bundled SciFact corpus reproduces the published all-MiniLM-L6-v2 numbers (MTEB)."""
+"""Acceptance: the full bundled SciFact corpus reproduces the published all-MiniLM-L6-v2 numbers (MTEB).
+
+- fp32 reproduces every published number (settings.SAMPLE_PUBLISHED) within 0.0002.
+- The default path (precision=auto) is whatever the faithfulness probe chose on the CPU the test runs on. If that is
+  not fp32, its shard vectors must be faithful to the fp32 run's (mean cosine >= 0.9999, min >= 0.999: the probe's
+  bounds, now over all 5,183 items) and its metrics within DEFAULT_PATH_TOL of fp32's (and of the published numbers,
+  plus fp32's 0.0002). That tolerance is measured, not guessed: see DEFAULT_PATH_TOL. Which CPU CI lands on changes
+  which path runs, not what must hold; a failure message names the CPU, its bf16 flags and the probe's verdict.
+"""
+
+from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from embed_assets.cli import run_pipeline
-from embed_assets.settings import Settings
+from embed_assets.core.encoder import FAITHFUL_MEAN_COS, FAITHFUL_MIN_COS, cpu_info
+from embed_assets.settings import SAMPLE_PUBLISHED, SAMPLE_QRELS, SAMPLE_QUERIES, Settings
+
+FP32_TOL = 0.0002
+# How far vectors ON the faithfulness bound (mean cosine 0.9999 to fp32) moved each metric from fp32's: the max over
+# 3 perturbation shapes x 200 seeds (600 draws), rounded up at the 5th decimal. Source: `python
+# benchmarks/precision.py --seeds 200 --json benchmarks/results/precision.json`, key "max_abs_delta" (AMD EPYC,
+# torch 2.13.0+cpu; the isotropic and concentrated shapes are CPU-independent, their max for nDCG@10 is 0.00418;
+# the third shape, this CPU's own bf16 errors scaled up to the bound, gave the 0.00536). Intel AMX's bf16 moved
+# nDCG@10 by 0.00202 (the bug report): inside it. For scale: bf16 on AMD EPYC (mean cosine 0.999983) moved it 0.00051.
+DEFAULT_PATH_TOL = {
+    "ndcg_at_1": 0.00667,
+    "ndcg_at_10": 0.00537,
+    "ndcg_at_100": 0.00349,
+    "recall_at_1": 0.00667,
+    "recall_at_10": 0.01000,
+    "recall_at_100": 0.00334,
+}
+EPS = 1e-9  # float noise: several metrics move in steps of 1/300
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("precision,tol", [("auto", 0.001), ("fp32", 0.0002)])
-def test_full_scifact_matches_the_published_table(tmp_path, precision, tol):
-    """auto is what users get (bf16 autocast on a CPU with native bf16); fp32 reproduces the fourth decimal."""
-    settings = Settings.sample(str(tmp_path / "home"))
+def _cpu() -> str:
+    info = cpu_info()
+    return f"CPU {info['model']!r} (bf16 flags: {', '.join(info['bf16_flags']) or 'none'})"
+
+
+def _all_metrics(home: Path, precision: str) -> dict[str, float]:
+    """Every published metric, from the run's own index, with queries encoded at the precision the run used, and
+    the same metric code as the report (the report itself has nDCG@10, recall@10/100, MRR@10)."""
+    from embed_assets.core.beir import load_qrels, load_queries
+    from embed_assets.core.encoder import Encoder
+    from embed_assets.core.index import load_index
+    from embed_assets.core.layout import Layout
+    from embed_assets.core.metrics import ndcg_at_k, recall_at_k
+
+    index, ids, _ = load_index(Layout.at(home))
+    qrels = load_qrels(SAMPLE_QRELS)
+    queries = load_queries(SAMPLE_QUERIES, only=set(qrels))
+    qids = sorted(queries)
+    qv, _ = Encoder(precision=precision).encode([queries[q] for q in qids])
+    _, top = index.search(np.ascontiguousarray(qv, dtype=np.float32), 100)
+    run = {q: [ids[j] for j in row if j >= 0] for q, row in zip(qids, top)}
+    judged = [q for q in qids if any(r > 0 for r in qrels[q].values())]
+    fns = {"ndcg": ndcg_at_k, "recall": recall_at_k}
+    out = {}
+    for name in SAMPLE_PUBLISHED:
+        kind, k = name.split("_at_")
+        out[name] = float(np.mean([fns[kind](run[q], qrels[q], int(k)) for q in judged]))
+    return out
+
+
+def _shard_vectors(home: Path) -> tuple[list[str], np.ndarray]:
+    from embed_assets.core.index import load_index
+    from embed_assets.core.layout import Layout
+
+    index, ids, _ = load_index(Layout.at(home))
+    return ids, index.reconstruct_n(0, index.ntotal)
+
+
+def _run(home: Path, precision: str) -> dict:
+    settings = Settings.sample(str(home))
     settings.precision = precision
     code, summary = run_pipeline(settings)
     assert code == 0, summary
-    report = json.loads((tmp_path / "home" / "reports" / "retrieval_eval.json").read_text())
+    report = json.loads((home / "reports" / "retrieval_eval.json").read_text())
     assert report["n_items"] == 5183 and report["n_queries"] == 300
-    assert abs(report["ndcg_at_10"] - 0.64508) <= tol
-    assert abs(report["recall_at_100"] - 0.92500) <= 0.002
-    assert abs(report["recall_at_10"] - 0.78333) <= 0.002
     assert report["ann_recall_at_10"] == 1.0
     assert summary["n_partitions"] == 6 and summary["n_encoded"] == 5183
+    ran = summary["precision"]
+    assert isinstance(ran, str), f"{_cpu()}: partitions ran at different precisions: {ran}"
+    manifests = [json.loads(p.read_text()) for p in sorted((home / "embeddings").glob("shard_*.manifest.json"))]
+    assert len(manifests) == 6 and {m["precision"] for m in manifests} == {ran}, _cpu()
+    assert json.loads((home / "reports" / "run_summary.json").read_text())["precision"] == ran
+    metrics = _all_metrics(home, ran)
+    for k in ("ndcg_at_10", "recall_at_10", "recall_at_100"):  # our recomputation is the report's
+        assert metrics[k] == pytest.approx(report[k], abs=1e-9), k
+    print(f"\n{_cpu()}: precision {precision} ran {ran}; probe {summary.get('precision_probe')}")
+    for k, pub in SAMPLE_PUBLISHED.items():
+        print(f"  {k:<14} {metrics[k]:.5f}  published {pub:.5f}  delta {metrics[k] - pub:+.5f}")
+    return {"home": home, "summary": summary, "report": report, "precision": ran, "metrics": metrics}
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory):
+    """One fp32 run of the whole pipeline, shared: the auto test compares its vectors with these."""
+    return _run(tmp_path_factory.mktemp("scifact_fp32") / "home", "fp32")
+
+
+@pytest.mark.slow
+def test_fp32_reproduces_every_published_number(fp32_run):
+    assert fp32_run["precision"] == "fp32"
+    assert fp32_run["summary"]["precision_probe"] is None  # asked for, not probed
+    off = {k: round(fp32_run["metrics"][k] - pub, 5) for k, pub in SAMPLE_PUBLISHED.items()
+           if abs(fp32_run["metrics"][k] - pub) > FP32_TOL + EPS}
+    assert not off, f"{_cpu()}: fp32 off the published table by more than {FP32_TOL}: {off}"
+
+
+@pytest.mark.slow
+def test_default_path_is_faithful_and_within_the_measured_tolerance(fp32_run, tmp_path_factory):
+    auto = _run(tmp_path_factory.mktemp("scifact_auto") / "home", "auto")
+    ran, probe = auto["precision"], auto["summary"]["precision_probe"]
+    where = f"{_cpu()}: auto ran {ran}; probe {probe}"
+    assert probe is not None and probe.get("candidate") in ("bf16", "fp16", "fp32"), where
+    if ran != "fp32":
+        assert probe["passed"] is True and probe["candidate"] == ran, where
+    else:
+        assert probe["candidate"] == "fp32" or probe["passed"] is not True, where
+
+    ids32, v32 = _shard_vectors(fp32_run["home"])
+    ids, v = _shard_vectors(auto["home"])
+    assert ids == ids32
+    cos = np.sum(v.astype(np.float64) * v32, axis=1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(v32, axis=1))
+    print(f"{where}; shard vectors vs fp32 run: mean cos {cos.mean():.6f}, min {cos.min():.6f}")
+    assert cos.mean() >= FAITHFUL_MEAN_COS and cos.min() >= FAITHFUL_MIN_COS, \
+        f"{where}: shard vectors vs fp32: mean cos {cos.mean():.6f}, min {cos.min():.6f}"
+
+    for k, pub in SAMPLE_PUBLISHED.items():
+        got, ref, tol = auto["metrics"][k], fp32_run["metrics"][k], DEFAULT_PATH_TOL[k]
+        assert abs(got - ref) <= tol + EPS, f"{where}: {k} {got:.5f} vs fp32 {ref:.5f}: more than {tol} apart"
+        assert abs(got - pub) <= tol + FP32_TOL + EPS, f"{where}: {k} {got:.5f} vs published {pub:.5f}"
