@@ -14,6 +14,15 @@ import pytest
 from embed_assets.settings import SAMPLE_CORPUS, SAMPLE_QRELS, SAMPLE_QUERIES, Settings
 
 
+def pytest_configure(config):
+    """The precision probe's verdict cache lives in this session's temp folder (inherited by every process a test
+    starts), so each test session probes the machine it runs on rather than trusting a user's cache."""
+    import tempfile
+
+    os.environ.setdefault("EMBED_ASSETS_PRECISION_PROBE_CACHE",
+                          str(Path(tempfile.mkdtemp(prefix="embed_assets_probe_")) / "precision_probe.json"))
+
+
 def sample_docs(n: int, start: int = 0) -> list[dict]:
     out = []
     with gzip.open(SAMPLE_CORPUS, "rt", encoding="utf-8") as fh:
