@@ -39,7 +39,10 @@ def evaluate_run(run: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[s
         return float(np.mean([fn(run[q], qrels[q], k) for q in qids]))
 
     return {
+        "ndcg_at_1": mean(ndcg_at_k, 1),
         "ndcg_at_10": mean(ndcg_at_k, 10),
+        "ndcg_at_100": mean(ndcg_at_k, 100),
+        "recall_at_1": mean(recall_at_k, 1),
         "recall_at_10": mean(recall_at_k, 10),
         "recall_at_100": mean(recall_at_k, 100),
         "mrr_at_10": mean(mrr_at_k, 10),

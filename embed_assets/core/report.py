@@ -50,7 +50,10 @@ def evaluate(
         "model_id": manifest.get("version", {}).get("model_id"),
         "model_revision": manifest.get("version", {}).get("model_revision"),
         "n_queries": 0,
+        "ndcg_at_1": None,
         "ndcg_at_10": None,
+        "ndcg_at_100": None,
+        "recall_at_1": None,
         "recall_at_10": None,
         "recall_at_100": None,
         "mrr_at_10": None,
@@ -111,7 +114,8 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"Model `{report.get('model_id')}` (revision `{report.get('model_revision')}`), "
              f"{report['n_items']:,} items, index `{report.get('index_kind')}`.", "",
              "| metric | value |", "|---|---|"]
-    for k in ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10", "ann_recall_at_10", "n_queries", "n_items"):
+    for k in ("ndcg_at_1", "ndcg_at_10", "ndcg_at_100", "recall_at_1", "recall_at_10", "recall_at_100", "mrr_at_10",
+              "ann_recall_at_10", "n_queries", "n_items"):
         lines.append(f"| {k} | {_fmt(report.get(k))} |")
     lat = report["latency_ms"]
     lines += ["", f"Query latency (single query, top-10): p50 {lat['p50']:.3f} ms, p95 {lat['p95']:.3f} ms, "

@@ -3,6 +3,7 @@ import dagster as dg
 from embed_assets.core.items import ItemsError, load_row_groups
 from embed_assets.core.embed import embed_partition
 from embed_assets.core.atomic import atomic_write_json
+from embed_assets.core.faults import pause_point
 from embed_assets.core.shards import ShardError, summarize_norms
 from embed_assets.defs.embeddings.partitions import row_group_partitions
 from embed_assets.defs.items.assets import processed_items
@@ -22,6 +23,7 @@ from embed_assets.resources import EncoderResource, HomeResource, QualityThresho
 def item_embeddings(context: dg.AssetExecutionContext, home: HomeResource, encoder: EncoderResource) -> dg.MaterializeResult:
     """One shard of unit-length all-MiniLM-L6-v2 vectors (384-d, fp16) per row group of processed items:
     `embeddings/shard_NNNNN.pt`, loadable with `torch.load(path, weights_only=True)`."""
+    pause_point("embed_start")
     key = context.partition_key
     try:
         out = embed_partition(home.layout, key, encoder.encoder, say=context.log.info, reuse=encoder.reuse)
@@ -48,6 +50,8 @@ def item_embeddings(context: dg.AssetExecutionContext, home: HomeResource, encod
             "dim": m.dim,
             "dtype": m.dtype,
             "precision": m.precision or "n/a (nothing encoded)",
+            # how auto chose it on this machine (the faithfulness probe); {} when nothing was encoded
+            "precision_probe": dg.MetadataValue.json((encoder.encoder.precision_probe or {}) if out.n_encoded else {}),
             "fingerprint": m.fingerprint,
             "cataloged": out.cataloged,
             "path": dg.MetadataValue.path(str(home.layout.shard_pt(key))),
