@@ -12,9 +12,10 @@ import io
 import json
 import os
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from embed_assets.core.atomic import atomic_write, atomic_write_json, atomic_write_text
 from embed_assets.core.layout import partition_key
@@ -60,6 +61,8 @@ class ItemsResult:
     n_duplicates: int
     n_truncated: int
     files: list[str] = field(default_factory=list)
+    # sha256 of the very bytes parsed, per file: what processed_items records as its source (see source_fingerprint)
+    file_sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def reject_counts(self) -> dict[str, int]:
@@ -90,12 +93,46 @@ def discover_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+class _HashingReader(io.RawIOBase):
+    """Passes a file's bytes on and hashes each one as it goes: the checksum is of exactly the bytes parsed, even
+    when the file is rewritten while it is read."""
+
+    def __init__(self, fh, hasher):
+        self._fh, self._hasher = fh, hasher
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self._fh.readinto(b)
+        if n:
+            self._hasher.update(memoryview(b)[:n])
+        return n
+
+    def drain(self) -> None:
+        """Hash what the parser left unread (a trailing blank line, gzip padding), so the checksum is the file's."""
+        while block := self._fh.read(1 << 20):
+            self._hasher.update(block)
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str, str]]:
-    with _open_binary(path) as fh:
+@contextmanager
+def _open_binary(path: Path, hasher=None):
+    """The file's (decompressed) bytes; with `hasher`, every raw byte read is hashed, and the rest of the file
+    too once the caller is done (only on a normal exit: a parse that failed records nothing)."""
+    with open(path, "rb") as raw:
+        reader = _HashingReader(raw, hasher) if hasher is not None else None
+        src = io.BufferedReader(reader, buffer_size=1 << 20) if reader is not None else raw
+        if path.name.lower().endswith(".gz"):
+            with gzip.GzipFile(fileobj=src, mode="rb") as gz:
+                yield gz
+        else:
+            yield src
+        if reader is not None:
+            reader.drain()
+
+
+def _iter_jsonl(path: Path, hasher=None) -> Iterator[tuple[int, dict | None, str, str]]:
+    with _open_binary(path, hasher) as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
@@ -115,9 +152,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str, str]]:
             yield lineno, rec, "", ""
 
 
-def _iter_csv(path: Path) -> Iterator[tuple[int, dict | None, str, str]]:
+def _iter_csv(path: Path, hasher=None) -> Iterator[tuple[int, dict | None, str, str]]:
     csv.field_size_limit(2**31 - 1)  # long descriptions are data, not errors (the default limit is 128 KiB)
-    with _open_binary(path) as raw:
+    with _open_binary(path, hasher) as raw:
         # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
         reader = csv.DictReader(text)
@@ -139,15 +176,27 @@ def _has_surrogates(s: str) -> bool:
         return True
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[int, dict | None, str, str]]:
+def _iter_parquet(path: Path, hasher=None) -> Iterator[tuple[int, dict | None, str, str]]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
-    row = 0
-    for batch in pf.iter_batches(batch_size=65_536):
-        for rec in batch.to_pylist():
-            row += 1
-            yield row, rec, "", ""
+    # Parquet is read out of order, so it is hashed first, through the same open file that is then parsed (a
+    # rename over the path does not touch it); an in-place rewrite meanwhile spoils the checksum on purpose, so the
+    # recorded source never matches a later state of the file and the sensor processes it again.
+    with open(path, "rb") as fh:
+        before = os.fstat(fh.fileno())
+        if hasher is not None:
+            while block := fh.read(1 << 20):
+                hasher.update(block)
+            fh.seek(0)
+        pf = pq.ParquetFile(fh)
+        row = 0
+        for batch in pf.iter_batches(batch_size=65_536):
+            for rec in batch.to_pylist():
+                row += 1
+                yield row, rec, "", ""
+        after = os.fstat(fh.fileno())
+        if hasher is not None and (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            hasher.update(b"\0changed while being read")
 
 
 def _fields_of(path: Path) -> list[str]:
@@ -170,15 +219,17 @@ def _fields_of(path: Path) -> list[str]:
         return [f"<unreadable: {e}>"]
 
 
-def iter_records(path: Path) -> Iterator[tuple[int, dict | None, str, str]]:
-    """Yield (row number, record or None, reject reason, detail) for every row of one file."""
+def iter_records(path: Path, hasher=None) -> Iterator[tuple[int, dict | None, str, str]]:
+    """Yield (row number, record or None, reject reason, detail) for every row of one file. With `hasher` (a
+    hashlib object), the file's bytes are hashed as they are read: once the rows are exhausted it holds the
+    checksum of exactly what was parsed."""
     kind = suffix_of(path)
     if kind in JSONL_SUFFIXES:
-        return _iter_jsonl(path)
+        return _iter_jsonl(path, hasher)
     if kind in CSV_SUFFIXES:
-        return _iter_csv(path)
+        return _iter_csv(path, hasher)
     if kind in PARQUET_SUFFIXES:
-        return _iter_parquet(path)
+        return _iter_parquet(path, hasher)
     raise ItemsError(f"{path}: unsupported file type")
 
 
@@ -196,6 +247,7 @@ def read_items(
     files = discover_files(paths)
     by_id: dict[str, dict[str, Any]] = {}  # insertion order = first appearance
     rejects: list[Reject] = []
+    digests: dict[str, str] = {}
     n_read = n_dup = n_trunc = 0
     for path in files:
         try:
@@ -209,8 +261,9 @@ def read_items(
             )
         seen_id_field = seen_text_field = False
         rows_in_file = 0
+        hasher = hashlib.sha256()
         try:
-            for rowno, rec, reason, detail in iter_records(path):
+            for rowno, rec, reason, detail in iter_records(path, hasher):
                 rows_in_file += 1
                 n_read += 1
                 if rows_in_file > limits.max_rows_per_file:
@@ -261,6 +314,7 @@ def read_items(
             raise
         except Exception as e:  # pyarrow / csv errors: name the file, keep the cause
             raise ItemsError(f"{path}: cannot be parsed as {suffix_of(path)} ({type(e).__name__}: {e})") from e
+        digests[str(path)] = hasher.hexdigest()
         if rows_in_file and not (seen_id_field or seen_text_field):
             raise ItemsError(
                 f"{path}: none of the configured fields ({id_field!r}, {', '.join(map(repr, text_fields))}) occur; "
@@ -278,7 +332,7 @@ def read_items(
             "see reports/rejects.jsonl"
         )
     # A superseded duplicate moves the item's content but keeps its first position (stable row groups).
-    return ItemsResult(list(by_id.values()), rejects, n_read, n_dup, n_trunc, [str(f) for f in files])
+    return ItemsResult(list(by_id.values()), rejects, n_read, n_dup, n_trunc, [str(f) for f in files], digests)
 
 
 def write_items_parquet(items: list[dict[str, Any]], path: Path, row_group_size: int) -> None:
@@ -351,9 +405,29 @@ def _parquet_stamp(path: Path) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
 
-def write_row_groups(row_groups: list[dict[str, Any]], path: Path, items_parquet: Path) -> None:
+def items_config(id_field: str, text_fields: Sequence[str], title_field: str | None, row_group_size: int,
+                 limits: Limits = Limits()) -> dict[str, Any]:
+    """Every setting that shapes processed_items' output besides the raw bytes: part of the source fingerprint."""
+    return {"id_field": id_field, "text_fields": list(text_fields),
+            "title_field": title_field or (text_fields[0] if text_fields else None),
+            "row_group_size": int(row_group_size), "limits": asdict(limits)}
+
+
+def source_fingerprint(file_sha256: Mapping[str, str], config: Mapping[str, Any]) -> str:
+    """One fingerprint of the raw inputs: each file's path and content checksum, plus the processing settings.
+
+    processed_items records it from the bytes it parsed; the sensor computes it from the files as they are now.
+    Equal fingerprints: processing the files again would give the same items.parquet."""
+    blob = json.dumps({"files": sorted(file_sha256.items()), "config": dict(config)}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def write_row_groups(row_groups: list[dict[str, Any]], path: Path, items_parquet: Path,
+                     source: dict[str, Any] | None = None) -> None:
     # Stamped with the items.parquet it describes: a crash between the two writes is detected, not trusted.
-    atomic_write_json(path, {"items_parquet": _parquet_stamp(items_parquet), "row_groups": row_groups})
+    # `source` records what was processed (the raw files' checksums, the settings, their fingerprint).
+    atomic_write_json(path, {"items_parquet": _parquet_stamp(items_parquet), "row_groups": row_groups,
+                             "source": source})
 
 def process_items(
     layout,
@@ -364,21 +438,36 @@ def process_items(
     limits: Limits = Limits(),
     title_field: str | None = None,
 ) -> tuple[ItemsResult, list[dict[str, Any]]]:
-    """Raw files -> items.parquet + row_groups.json + reports/rejects.jsonl, each written atomically."""
+    """Raw files -> items.parquet + row_groups.json + reports/rejects.jsonl, each written atomically.
+
+    row_groups.json also records the source: the checksum of the bytes read from each file and the settings, so
+    "is processed_items current?" is a comparison with the files as they are now (core/changes.py)."""
     result = read_items(paths, id_field, text_fields, limits, title_field)
     write_rejects(result.rejects, layout.rejects_jsonl)
     write_items_parquet(result.items, layout.items_parquet, row_group_size)
     row_groups = describe_row_groups(layout.items_parquet)
-    write_row_groups(row_groups, layout.row_groups_json, layout.items_parquet)
+    config = items_config(id_field, text_fields, title_field, row_group_size, limits)
+    source = {"fingerprint": source_fingerprint(result.file_sha256, config), "files": result.file_sha256,
+              "config": config}
+    write_row_groups(row_groups, layout.row_groups_json, layout.items_parquet, source)
     return result, row_groups
+
+
+def load_processed(layout) -> dict[str, Any]:
+    """row_groups.json (row groups and recorded source), checked to describe the very items.parquet on disk."""
+    try:
+        data = json.loads(layout.row_groups_json.read_text("utf-8"))
+        stamp = _parquet_stamp(layout.items_parquet)
+    except FileNotFoundError:
+        raise ItemsError(f"{layout.row_groups_json}: not found; materialize processed_items first") from None
+    except ValueError as e:
+        raise ItemsError(f"{layout.row_groups_json}: unreadable ({e}); re-materialize processed_items") from e
+    if not isinstance(data, dict) or data.get("items_parquet") != stamp or not isinstance(data.get("row_groups"), list):
+        raise ItemsError(f"{layout.row_groups_json} does not describe the current {layout.items_parquet.name} "
+                         "(an interrupted processed_items run?); re-materialize processed_items")
+    return data
 
 
 def load_row_groups(layout) -> list[dict[str, Any]]:
     """The row groups of items.parquet, as processed_items described them (checked to be that very file)."""
-    if not layout.row_groups_json.exists() or not layout.items_parquet.exists():
-        raise ItemsError(f"{layout.row_groups_json}: not found; materialize processed_items first")
-    data = json.loads(layout.row_groups_json.read_text("utf-8"))
-    if data.get("items_parquet") != _parquet_stamp(layout.items_parquet):
-        raise ItemsError(f"{layout.row_groups_json} does not describe the current {layout.items_parquet.name} "
-                         "(an interrupted processed_items run?); re-materialize processed_items")
-    return data["row_groups"]
+    return load_processed(layout)["row_groups"]

@@ -17,3 +17,11 @@ index_and_report_job = dg.define_asset_job(
 )
 
 JOBS = [process_items_job, embed_shards_job, index_and_report_job]
+
+# What each job materializes, for runs whose own asset selection is empty (a job launched whole, e.g. by the
+# sensor): the sensor tells what an active run is busy with by its assets, not by its job's name.
+JOB_ASSETS: dict[str, frozenset[dg.AssetKey]] = {
+    process_items_job.name: frozenset({processed_items.key}),
+    embed_shards_job.name: frozenset({item_embeddings.key}),
+    index_and_report_job.name: frozenset({embedding_norms.key, faiss_index.key, retrieval_report.key}),
+}
