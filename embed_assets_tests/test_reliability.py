@@ -20,6 +20,11 @@ def _consistent(layout: Layout):
     cat_ids = [i for (i,) in catalog.query(layout, "SELECT item_id FROM items")]
     _, index_ids, _ = load_index(layout)
     assert sorted(shard_ids) == sorted(cat_ids) == sorted(index_ids)
+    # what users query (HOME/catalog/read.duckdb) lists the same, whatever the crash left of the readers' copy
+    import duckdb
+
+    with duckdb.connect(str(catalog.reader_db(layout)), read_only=True) as con:
+        assert sorted(i for (i,) in con.execute("SELECT item_id FROM items").fetchall()) == sorted(cat_ids)
     assert len(set(shard_ids)) == len(shard_ids)
     assert not list(layout.home.rglob(".*.tmp"))
     verify = run_cli(["verify", "--home", str(layout.home)], layout.home.parent)

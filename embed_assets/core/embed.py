@@ -85,7 +85,7 @@ def embed_partition(
     encoder: Encoder,
     say: Callable[[str], None] = log.info,
     reuse: bool = True,
-    catalog_timeout_s: float = 600.0,
+    catalog_timeout_s: float = catalog.DEFAULT_TIMEOUT_S,
 ) -> EmbedOutcome:
     # One writer per partition at a time: a second run of the same partition waits, then finds the shard current.
     with partition_lock(layout, key):
@@ -152,9 +152,11 @@ def _ensure_cataloged(layout: Layout, m: ShardManifest, say, timeout_s: float, f
                                  timeout_s=timeout_s)
             if rows and rows[0] == (m.shard_sha256, m.fingerprint):
                 return True
-        catalog.ingest_manifest(layout, m, timeout_s=timeout_s)
+        if not catalog.ingest_manifest(layout, m, timeout_s=timeout_s):
+            say(f"{m.partition}: a newer shard replaced this one meanwhile; its writer records it")
         return True
-    except catalog.CatalogLocked as e:
+    except catalog.deferrable_errors() as e:
         # The manifest is on disk; the next catalog sync (index build, CLI) records it. Nothing is lost.
-        say(f"{m.partition}: catalog busy, deferred to the next sync ({e})")
+        what = "busy" if isinstance(e, catalog.CatalogLocked) else f"error ({type(e).__name__})"
+        say(f"{m.partition}: catalog {what}, deferred to the next sync ({e})")
         return False

@@ -8,6 +8,7 @@ sample, nprobe tuned until ann_recall_at_10 >= 0.95 in the report); `kind="hnsw"
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any, Sequence
 
@@ -17,6 +18,9 @@ from embed_assets.core.atomic import atomic_write, atomic_write_json, sha256_fil
 from embed_assets.core.encoder import EMBEDDING_DIM
 from embed_assets.core.faults import crash_point
 from embed_assets.core.layout import Layout
+
+
+log = logging.getLogger(__name__)
 
 
 class IndexBuildError(RuntimeError):
@@ -98,15 +102,26 @@ def load_index(layout: Layout):
 
 
 def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: str = "flat",
-                      tol: float | None = None) -> dict[str, Any]:
-    """Index every current shard, refusing stale, untrusted, mixed-version or failing-norm shards."""
+                      tol: float | None = None, catalog_timeout_s: float = 30.0) -> dict[str, Any]:
+    """Index every current shard, refusing stale, untrusted, mixed-version or failing-norm shards.
+
+    What to index comes from the manifests and the files' checksums alone, never from the catalog. The catalog is
+    synced on the way (so it lists the indexed shards), but a busy one (`CatalogLocked` after `catalog_timeout_s`)
+    only defers that: the index is built, `catalog_deferred` is recorded, and the next sync catches up."""
     from embed_assets.core import catalog
-    from embed_assets.core.shards import NORM_TOLERANCE, clear_previous, load_verified, norms_within, read_manifest
+    from embed_assets.core.shards import (
+        NORM_TOLERANCE,
+        cached_sha256,
+        clear_previous,
+        load_verified,
+        norms_within,
+        read_manifest,
+        verify_files,
+    )
 
     tol = NORM_TOLERANCE if tol is None else tol
     t0 = time.perf_counter()
     valid = {rg["partition"] for rg in row_groups}
-    sync = catalog.sync(layout, valid_partitions=valid)
     problems, manifests = [], []
     for rg in row_groups:
         m = read_manifest(layout, rg["partition"])
@@ -114,13 +129,19 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
             problems.append(f"{rg['partition']}: no shard (materialize item_embeddings for it)")
         elif m.rows_fingerprint != rg["fingerprint"]:
             problems.append(f"{rg['partition']}: shard is stale, its row group changed (re-materialize it)")
-        elif rg["partition"] in sync["untrusted"]:
+        elif verify_files(layout, m, cached_sha256):
             problems.append(f"{rg['partition']}: shard files do not match the manifest (re-materialize it)")
         elif not norms_within(m.norms, tol):
             problems.append(f"{rg['partition']}: norms outside 1 ± {tol:g} (min {m.norms['min']:.5f}, "
                             f"max {m.norms['max']:.5f}); the norm check fails for it")
         else:
             manifests.append(m)
+    # Before failing or building: the catalog drops untrusted shards and lists the good ones (checksums cached).
+    try:
+        sync, deferred = catalog.sync(layout, valid_partitions=valid, timeout_s=catalog_timeout_s), ""
+    except catalog.deferrable_errors() as e:
+        sync, deferred = {}, f"{type(e).__name__}: {e}"
+        log.warning(f"catalog sync deferred to the next run or `embed-assets verify --repair` ({deferred})")
     versions = {json.dumps(m.version, sort_keys=True) for m in manifests}
     if len(versions) > 1:
         problems.append(f"shards of {len(versions)} embedding versions would mix: {sorted(versions)}; "
@@ -141,7 +162,10 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
     version = manifests[0].version if manifests else {}
     meta = {"kind": kind, "faiss_type": type(index).__name__, "metric": "inner_product", "build_seconds": build_s,
             "version": version, "partitions": [m.partition for m in manifests],
-            "shard_fingerprints": {m.partition: m.fingerprint for m in manifests}, "catalog_sync": sync}
+            "shard_fingerprints": {m.partition: m.fingerprint for m in manifests}, "catalog_sync": sync,
+            "catalog_deferred": bool(deferred), "catalog_deferred_reason": deferred}
     saved = save_index(layout, index, ids, meta)
-    clear_previous(layout)  # every shard is current and indexed: the previous generation has served its purpose
+    # Every shard is current and indexed: the previous generation has served its purpose (except a partition being
+    # written now, or an indexed shard replaced since: a writer may still re-use those vectors).
+    clear_previous(layout, meta["shard_fingerprints"])
     return saved

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ import numpy as np
 
 from embed_assets.core.atomic import atomic_write_bytes, atomic_write_json, sha256_file, temp_path_for
 from embed_assets.core.faults import crash_point
-from embed_assets.core.layout import Layout
+from embed_assets.core.layout import Layout, partition_key
 
 NORM_TOLERANCE = 5e-3  # the seed notebook's sanity cell
 
@@ -167,12 +168,37 @@ def keep_previous(layout: Layout, key: str) -> None:
         os.replace(tmp, layout.previous_dir / src.name)
 
 
-def clear_previous(layout: Layout) -> int:
+def clear_previous(layout: Layout, indexed: dict[str, str] | None = None) -> int:
+    """Drop the previous generation of shards once an index over current shards exists; returns files removed.
+
+    Each partition's previous files are handled under its lock (taken without waiting): a partition being written
+    right now is left alone, since its writer may be moving its shard into previous/ this very moment. With `indexed`
+    ({partition: fingerprint} the index was built over), a previous shard *with* that fingerprint is kept when the
+    current shard differs: it is the indexed generation, replaced after the index read it, and a writer running now
+    may still re-use its vectors."""
+    if not layout.previous_dir.exists():
+        return 0
     n = 0
-    if layout.previous_dir.exists():
-        for p in sorted(layout.previous_dir.iterdir(), key=lambda p: not p.name.endswith(".manifest.json")):
-            p.unlink(missing_ok=True)
-            n += 1
+    for key in sorted({k for p in layout.previous_dir.glob("shard_*") if (k := shard_key_of(p.name))}):
+        with partition_lock(layout, key, blocking=False) as mine:
+            if not mine:
+                continue  # a live writer of this partition: the next index build clears it
+            try:
+                prev = read_manifest(layout, key, layout.previous_dir)
+                current = read_manifest(layout, key)
+            except ShardError:
+                prev = current = None
+            if (prev is not None and indexed is not None and indexed.get(key) == prev.fingerprint
+                    and (current is None or current.fingerprint != prev.fingerprint)):
+                continue  # the indexed generation, replaced since by another one
+            for path in (layout.previous_dir / layout.shard_manifest(key).name,  # manifest first
+                         layout.previous_dir / layout.shard_pt(key).name,
+                         layout.previous_dir / layout.shard_items(key).name):
+                try:
+                    path.unlink()
+                    n += 1
+                except FileNotFoundError:
+                    pass
     return n
 
 
@@ -193,8 +219,10 @@ def write_shard(layout: Layout, manifest: ShardManifest, item_ids: Sequence[str]
     return manifest
 
 
-def read_manifest(layout: Layout, key: str) -> ShardManifest | None:
+def read_manifest(layout: Layout, key: str, folder: Path | None = None) -> ShardManifest | None:
     path = layout.shard_manifest(key)
+    if folder is not None:
+        path = folder / path.name
     if not path.exists():
         return None
     try:
@@ -212,6 +240,51 @@ def list_manifests(layout: Layout, folder: Path | None = None) -> list[ShardMani
         except (OSError, ValueError, TypeError):
             continue  # unreadable manifest: its shard is untrusted, as if absent
     return out
+
+
+_SHARD_NAME = re.compile(r"^shard_(\d+)\.")
+
+
+def shard_key_of(name: str) -> str | None:
+    """The partition a shard file belongs to (`shard_00003.pt` -> `rg_00003`); None for any other name."""
+    match = _SHARD_NAME.match(name)
+    return partition_key(int(match.group(1))) if match else None
+
+
+# sha256 by path, remembered with the file's (size, mtime_ns, ctime_ns, inode). A file whose mtime is within
+# _RACY_S of the moment it was hashed is not remembered (it may still change within one mtime tick: git's "racy
+# clean" problem), nor one that changed while it was hashed. ctime cannot be set back by a user, unlike mtime.
+_HASHES: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+_RACY_S = 2.0
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def cached_sha256(path: str | os.PathLike, refresh: bool = False) -> str:
+    """sha256 of a file, re-hashed only when its size, mtime, ctime or inode moved ("" when the file is missing).
+
+    One process hashes an unchanged shard once: the catalog sync, the index build and the sensor call this over every
+    shard, the expensive part (the hash) grows with what was written since, not with the catalog. `refresh` hashes
+    anyway (verify's full check) and remembers the result for the others."""
+    path = str(path)
+    try:
+        st = os.stat(path)
+        key = _stat_key(st)
+        hit = _HASHES.get(path)
+        if hit is not None and hit[0] == key and not refresh:
+            return hit[1]
+        digest = sha256_file(path)
+        after = os.stat(path)
+    except FileNotFoundError:
+        _HASHES.pop(path, None)
+        return ""
+    if _stat_key(after) == key and time.time() - st.st_mtime > _RACY_S:
+        _HASHES[path] = (key, digest)
+    else:
+        _HASHES.pop(path, None)
+    return digest
 
 
 def verify_files(layout: Layout, m: ShardManifest,

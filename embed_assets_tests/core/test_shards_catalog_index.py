@@ -12,6 +12,7 @@ from embed_assets.core.index import IndexBuildError, build_from_shards, load_ind
 from embed_assets.core.items import process_items
 from embed_assets.core.layout import Layout
 from embed_assets.core.shards import ShardError, load_verified, read_manifest, validate_shard
+from embed_assets.core.verify import verify
 
 
 @pytest.fixture
@@ -104,3 +105,98 @@ def test_index_refuses_stale_shards_and_mixed_versions(built, tmp_path):
     mpath.write_text(json.dumps(m))
     with pytest.raises(IndexBuildError, match="2 embedding versions would mix"):
         build_from_shards(layout, groups)
+
+
+def test_sync_hashes_nothing_under_the_catalog_lock_and_unchanged_shards_only_once(built, monkeypatch):
+    """The catalog is held for comparing and writing only: every checksum is verified before the connection is
+    opened, and a shard whose file did not change is not hashed again by the next sync."""
+    import hashlib
+    import os
+    import time
+    from contextlib import contextmanager
+
+    layout, groups, _ = built
+    # The catalog lacks a partition whose shard is on disk (as after a deferred ingest): the shard goes away, a sync
+    # drops it, it comes back.
+    away = layout.home / "away"
+    away.mkdir()
+    for p in layout.embeddings_dir.glob("shard_00001.*"):
+        p.rename(away / p.name)
+    assert catalog.sync(layout)["removed"] == ["rg_00001"]
+    for p in away.iterdir():
+        p.rename(layout.embeddings_dir / p.name)
+    aged = time.time() - 60  # files written in the last 2 s are always re-hashed (mtime granularity)
+    for p in layout.embeddings_dir.glob("shard_*"):
+        os.utime(p, (aged, aged))
+
+    held, hashes = [False], []
+    real_connect, real_sha256 = catalog.connect, hashlib.sha256
+
+    @contextmanager
+    def watched_connect(*a, **k):
+        with real_connect(*a, **k) as con:
+            held[0] = True
+            try:
+                yield con
+            finally:
+                held[0] = False
+
+    def watched_sha256(*a, **k):
+        hashes.append(held[0])
+        return real_sha256(*a, **k)
+
+    monkeypatch.setattr(catalog, "connect", watched_connect)
+    monkeypatch.setattr(hashlib, "sha256", watched_sha256)
+    assert catalog.sync(layout)["added"] == ["rg_00001"]
+    assert hashes and not any(hashes), f"{sum(hashes)} of {len(hashes)} hashes taken while holding the catalog"
+    assert catalog.query(layout, "SELECT count(*) FROM items") == [(120,)]
+    hashes.clear()
+    assert catalog.sync(layout) == {"added": [], "refreshed": [], "removed": [], "untrusted": [], "moved": []}
+    assert hashes == []  # nothing changed on disk: nothing hashed at all
+
+
+def test_readers_copy_lists_exactly_the_catalog(built):
+    import duckdb
+
+    layout, groups, _ = built
+    with duckdb.connect(str(catalog.reader_db(layout)), read_only=True) as con:
+        shards = con.execute("SELECT partition, sha256, rows FROM shards ORDER BY partition").fetchall()
+        items = con.execute("SELECT item_id, partition, \"row\", text_hash FROM items ORDER BY item_id").fetchall()
+    assert shards == catalog.query(layout, "SELECT partition, sha256, rows FROM shards ORDER BY partition")
+    assert items == catalog.query(layout, "SELECT item_id, partition, \"row\", text_hash FROM items ORDER BY item_id")
+    assert len(items) == 120
+    # A crash between publishing and COMMIT leaves the shards copy ahead of the catalog: the items of that partition
+    # are hidden (the two copies disagree), never shown wrong, and the next sync republishes from the catalog.
+    export = layout.home / "catalog" / "shards.parquet"
+    with duckdb.connect() as con:
+        con.execute(f"COPY (SELECT * REPLACE (CASE WHEN partition = 'rg_00002' THEN 'ahead' ELSE sha256 END "
+                    f"AS sha256) FROM read_parquet('{export}')) TO '{export}.new' (FORMAT parquet)")
+    export.with_name(export.name + ".new").replace(export)
+    with duckdb.connect(str(catalog.reader_db(layout)), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM items WHERE partition = 'rg_00002'").fetchone() == (0,)
+    assert not verify(layout)["ok"]  # verify notices the copy differs
+    assert catalog.sync(layout)["added"] == []  # the catalog itself is right; only the copy is republished
+    with duckdb.connect(str(catalog.reader_db(layout)), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM items WHERE partition = 'rg_00002'").fetchone() == (40,)
+    assert verify(layout)["ok"]
+
+
+def test_clear_previous_spares_live_writers_and_the_indexed_generation(built):
+    from embed_assets.core.atomic import atomic_write_json
+    from embed_assets.core.shards import clear_previous, keep_previous, partition_lock
+
+    layout, groups, _ = built
+    keys = [g["partition"] for g in groups]
+    for k in keys:
+        keep_previous(layout, k)
+    previous = lambda: sorted(p.name for p in layout.previous_dir.iterdir())  # noqa: E731
+    assert len(previous()) == 9
+    fingerprints = {k: read_manifest(layout, k).fingerprint for k in keys}
+    # rg_00001's indexed generation was replaced after the index read it: a running writer may re-use it
+    replaced = json.loads(layout.shard_manifest("rg_00001").read_text())  # replaced by rename, as writers do
+    atomic_write_json(layout.shard_manifest("rg_00001"), {**replaced, "fingerprint": "a newer generation"})
+    with partition_lock(layout, "rg_00000"):  # a writer of rg_00000 is at work (and may be filling previous/)
+        clear_previous(layout, fingerprints)  # rg_00002: the indexed generation is still current, nothing to keep
+    assert [n[:11] for n in previous()] == ["shard_00000"] * 3 + ["shard_00001"] * 3
+    clear_previous(layout, {})
+    assert previous() == []

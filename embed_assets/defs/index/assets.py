@@ -18,7 +18,10 @@ def faiss_index(context: dg.AssetExecutionContext, home: HomeResource, retrieval
         raise dg.Failure(description=str(e)) from e
     sync = manifest["catalog_sync"]
     context.log.info(f"indexed {manifest['n_items']:,} items from {len(manifest['partitions'])} shards "
-                     f"in {manifest['build_seconds']:.2f} s; catalog sync {sync}")
+                     f"in {manifest['build_seconds']:.2f} s; catalog sync {sync or 'deferred'}")
+    if manifest.get("catalog_deferred"):
+        # The index never needs the catalog; the next sync (a run, `embed-assets verify --repair`) catches it up.
+        context.log.warning(f"catalog sync deferred: {manifest['catalog_deferred_reason']}")
     return dg.MaterializeResult(
         metadata={
             "index_type": manifest["faiss_type"],
@@ -27,6 +30,7 @@ def faiss_index(context: dg.AssetExecutionContext, home: HomeResource, retrieval
             "n_shards": len(manifest["partitions"]),
             "build_seconds": round(manifest["build_seconds"], 3),
             "bytes": manifest["index_bytes"],
+            "catalog_deferred": bool(manifest.get("catalog_deferred")),
             "model_id": manifest["version"].get("model_id", ""),
             "model_revision": manifest["version"].get("model_revision", ""),
             "path": dg.MetadataValue.path(str(layout.index_file)),
