@@ -158,7 +158,13 @@ def _precision_summary(precisions: list[str], probes: list[dict], settings: Sett
 
     out: dict[str, Any] = {"precision": (precisions[0] if len(precisions) == 1 else sorted(precisions) or None),
                            "precision_requested": settings.precision, "cpu": cpu_info()}
-    probe = probes[0] if len(probes) == 1 else (probes or None)
+    # one verdict per machine: partitions after the first find it cached (in memory), which is no other verdict
+    verdicts: list[dict] = []
+    for p in probes:
+        if all({k: v for k, v in p.items() if k != "cached"} != {k: v for k, v in q.items() if k != "cached"}
+               for q in verdicts):
+            verdicts.append(p)
+    probe = verdicts[0] if len(verdicts) == 1 else (verdicts or None)
     if probe is None and settings.precision == "auto" and precisions:
         last = last_auto_precision()  # the in-process runs' encoder decided it; same process, same verdict
         probe = last["probe"] if last else None
