@@ -107,7 +107,8 @@ def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
             n_reused += m["n_reused"]
             if m["n_encoded"] and m.get("precision") and m["precision"] not in precisions:
                 precisions.append(m["precision"])
-            if m["n_encoded"] and isinstance(m.get("precision_probe"), dict) and m["precision_probe"] not in probes:
+            if m["n_encoded"] and isinstance(m.get("precision_probe"), dict) and m["precision_probe"] \
+                    and m["precision_probe"] not in probes:  # {}: an explicit precision, not probed
                 probes.append(m["precision_probe"])
             log(f"      {key} ({i}/{len(keys)}): {m['rows']:,} rows, encoded {m['n_encoded']:,}, "
                 f"re-used {m['n_reused']:,}{' (unchanged, skipped)' if m['skipped_unchanged'] else ''}, "
