@@ -29,7 +29,8 @@ def build_resources(s: Settings) -> dict[str, dg.ConfigurableResource]:
     return {
         "home": HomeResource(path=str(Path(s.home).resolve())),
         "items": ItemSource(paths=[str(Path(p).resolve()) for p in s.items], id_field=s.id_field,
-                            text_fields=s.text_fields, row_group_size=s.row_group_size),
+                            text_fields=s.text_fields, partition_size=s.partition_size,
+                            memory_budget_mb=s.memory_budget_mb),
         "encoder": EncoderResource(chunking=s.chunking, device=s.device, precision=s.precision),
         "retrieval": EvalSettings(queries_path=s.queries, qrels_path=s.qrels, index_kind=s.index_kind),
         "thresholds": QualityThresholds(**thresholds),
