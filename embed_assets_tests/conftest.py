@@ -64,7 +64,7 @@ def small_corpus(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, small_corpus: Path) -> Settings:
-    return Settings(home=str(tmp_path / "home"), items=[str(small_corpus)], row_group_size=30,
+    return Settings(home=str(tmp_path / "home"), items=[str(small_corpus)], partition_size=30,
                     queries=str(SAMPLE_QUERIES), qrels=str(SAMPLE_QRELS), min_recall_at_100=0.0)
 
 

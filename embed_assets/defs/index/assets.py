@@ -1,7 +1,7 @@
 import dagster as dg
 
 from embed_assets.core.index import IndexBuildError, build_from_shards
-from embed_assets.core.items import ItemsError, load_row_groups
+from embed_assets.core.items import ItemsError, load_partitions
 from embed_assets.core.shards import ShardError
 from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
 from embed_assets.resources import EvalSettings, HomeResource, QualityThresholds
@@ -13,7 +13,7 @@ def faiss_index(context: dg.AssetExecutionContext, home: HomeResource, retrieval
     """A FAISS inner-product index over every current, checked shard (exact by default), with its id map."""
     layout = home.layout
     try:
-        manifest = build_from_shards(layout, load_row_groups(layout), retrieval.index_kind, thresholds.norm_tolerance)
+        manifest = build_from_shards(layout, load_partitions(layout), retrieval.index_kind, thresholds.norm_tolerance)
     except (IndexBuildError, ItemsError, ShardError) as e:
         raise dg.Failure(description=str(e)) from e
     sync = manifest["catalog_sync"]
