@@ -59,8 +59,9 @@ def _meta(result, node: str) -> list[dict[str, Any]]:
             for m in result.asset_materializations_for_node(node)]
 
 
-def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
-    """Materialize items, every partition (with its check), then norms, index and report."""
+def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[int, dict[str, Any]]:
+    """Materialize items, every partition (with its check), then norms, index and report. `encoder_resource`
+    replaces the encoder (benchmarks of pipeline overhead use `embed_assets.testing`'s stand-in)."""
     from embed_assets.core.items import load_partitions
     from embed_assets.core.layout import Layout
     from embed_assets.definitions import build_definitions
@@ -68,7 +69,7 @@ def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
 
     t0 = time.perf_counter()
     layout = Layout.at(settings.home)
-    defs = build_definitions(settings)
+    defs = build_definitions(settings, encoder_resource)
     instance = _instance()
     summary: dict[str, Any] = {"home": str(layout.home), "items": settings.items, "failures": [], "checks": []}
     if layout.home.exists():

@@ -37,9 +37,12 @@ def build_resources(s: Settings) -> dict[str, dg.ConfigurableResource]:
     }
 
 
-def build_definitions(s: Settings) -> dg.Definitions:
+def build_definitions(s: Settings, encoder_resource: dg.ConfigurableResource | None = None) -> dg.Definitions:
+    resources = build_resources(s)
+    if encoder_resource is not None:
+        resources["encoder"] = encoder_resource
     return dg.Definitions(assets=ASSETS, asset_checks=CHECKS, jobs=JOBS, sensors=[raw_items_sensor],
-                          resources=build_resources(s))
+                          resources=resources)
 
 
 defs = build_definitions(Settings.from_env())
