@@ -105,18 +105,20 @@ IN_PLACE_MAX_CHANGED = 0.5  # past this share of changed partitions a rebuild is
 
 
 def _build(layout: Layout, manifests, kind: str):
-    """A fresh index over the shards, in partition order; returns (index, ids, {partition: [start, count]})."""
+    """A fresh index over the shards, in partition order, added shard by shard (memory: the index plus one shard);
+    returns (index, ids, {partition: [start, count]})."""
     from embed_assets.core.shards import load_verified
 
+    index = build_index(np.zeros((0, EMBEDDING_DIM), dtype=np.float32), kind)
     ids: list[str] = []
-    parts, ranges = [], {}
+    ranges = {}
     for m in manifests:
         shard_ids, emb = load_verified(layout, m)
         ranges[m.partition] = [len(ids), len(shard_ids)]
         ids.extend(shard_ids)
-        parts.append(emb.astype(np.float32))
-    vectors = np.concatenate(parts) if parts else np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-    return build_index(vectors, kind), ids, ranges
+        index.add(np.ascontiguousarray(emb, dtype=np.float32))
+        del emb
+    return index, ids, ranges
 
 
 def _update_in_place(layout: Layout, kind: str, version: dict, manifests, want: dict[str, str]):
