@@ -114,8 +114,11 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
             embed_peak = max(embed_peak, m.get("peak_rss_mb", 0.0))
             if m["n_encoded"] and m.get("precision") and m["precision"] not in precisions:
                 precisions.append(m["precision"])
-            if m["n_encoded"] and isinstance(m.get("precision_probe"), dict) and m["precision_probe"] not in probes:
-                probes.append(m["precision_probe"])
+            probe = m.get("precision_probe")
+            # One verdict per distinct probe: partitions encoded after the first one find it cached ("cached" says
+            # where from), which is the same verdict, not another one.
+            if m["n_encoded"] and isinstance(probe, dict) and not any(_same_verdict(probe, p) for p in probes):
+                probes.append(probe)
             log(f"      {key} ({i}/{len(keys)}): {m['rows']:,} rows, encoded {m['n_encoded']:,}, "
                 f"re-used {m['n_reused']:,}{' (unchanged, skipped)' if m['skipped_unchanged'] else ''}, "
                 f"{m['items_per_s']:.1f} items/s")
@@ -165,6 +168,11 @@ def _is_bundled_sample(settings: Settings) -> bool:
             and _same_path(settings.queries, SAMPLE_QUERIES) and _same_path(settings.qrels, SAMPLE_QRELS))
 
 
+def _same_verdict(a: dict, b: dict) -> bool:
+    """Two precision probe results are the same verdict when they differ only in where it was read from."""
+    return {k: v for k, v in a.items() if k != "cached"} == {k: v for k, v in b.items() if k != "cached"}
+
+
 def _precision_summary(precisions: list[str], probes: list[dict], settings: Settings) -> dict[str, Any]:
     """What precision encoded this run's vectors (from the item_embeddings metadata: one value, or a list if the
     partitions differed; None if nothing was encoded) and the auto probe's verdict behind it."""
@@ -172,7 +180,13 @@ def _precision_summary(precisions: list[str], probes: list[dict], settings: Sett
 
     out: dict[str, Any] = {"precision": (precisions[0] if len(precisions) == 1 else sorted(precisions) or None),
                            "precision_requested": settings.precision, "cpu": cpu_info()}
-    probe = probes[0] if len(probes) == 1 else (probes or None)
+    # one verdict per machine: partitions after the first find it cached (in memory), which is no other verdict
+    verdicts: list[dict] = []
+    for p in probes:
+        if all({k: v for k, v in p.items() if k != "cached"} != {k: v for k, v in q.items() if k != "cached"}
+               for q in verdicts):
+            verdicts.append(p)
+    probe = verdicts[0] if len(verdicts) == 1 else (verdicts or None)
     if probe is None and settings.precision == "auto" and precisions:
         last = last_auto_precision()  # the in-process runs' encoder decided it; same process, same verdict
         probe = last["probe"] if last else None
