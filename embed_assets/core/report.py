@@ -77,7 +77,14 @@ def evaluate(
                               "re-materialize item_embeddings and faiss_index with one model")
     n = int(index.ntotal)
     rng = np.random.default_rng(seed)
-    # Bounded work: a sample of rows, and exact search streamed over the stored vectors; never a copy of them all.
+    # Bounded work: a sample of rows, and exact search streamed over the stored vectors; never a copy of them all. A
+    # flat index is exact search itself, so its recall needs no large sample (each flat query scans every vector:
+    # ~0.3 s at 1M items on 2 cores); 100 queries confirm it.
+    import faiss
+
+    exact_index = isinstance(index, faiss.IndexFlat)
+    if exact_index:
+        n_ann_sample, n_latency = min(n_ann_sample, 100), min(n_latency, 100)
     sample = np.sort(rng.choice(n, size=min(n_ann_sample, n), replace=False))
     sample_vecs = _sample_vectors(index, sample)
 
@@ -112,9 +119,6 @@ def evaluate(
     # any (held-out texts), else a sample of items searched with k + 1 and their own row removed from both lists.
     # A flat index *is* exact search: its answers are the ground truth (recall 1 by definition, not by a free hit);
     # any other kind is checked against brute force streamed over its stored vectors.
-    import faiss
-
-    exact_index = isinstance(index, faiss.IndexFlat)
     if query_vecs is not None and len(query_vecs):
         ann_q = query_vecs[:n_ann_sample]
         ann_scores, ann = index.search(ann_q, 10)
