@@ -117,7 +117,7 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
             probe = m.get("precision_probe")
             # One verdict per distinct probe: partitions encoded after the first one find it cached ("cached" says
             # where from), which is the same verdict, not another one.
-            if m["n_encoded"] and isinstance(probe, dict) and not any(_same_verdict(probe, p) for p in probes):
+            if m["n_encoded"] and isinstance(probe, dict) and probe and not any(_same_verdict(probe, p) for p in probes):
                 probes.append(probe)
             log(f"      {key} ({i}/{len(keys)}): {m['rows']:,} rows, encoded {m['n_encoded']:,}, "
                 f"re-used {m['n_reused']:,}{' (unchanged, skipped)' if m['skipped_unchanged'] else ''}, "
