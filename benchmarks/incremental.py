@@ -34,7 +34,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--csv", default=str(DEFAULT_CSV))
     p.add_argument("--change", type=float, default=0.01)
-    p.add_argument("--row-group-size", type=int, default=200_000)
+    p.add_argument("--row-group-size", "--partition-size", dest="row_group_size", type=int, default=200_000)
     p.add_argument("--scale", type=int, default=1)
     p.add_argument("--json")
     a = p.parse_args()
@@ -54,7 +54,7 @@ def main() -> int:
     base, new = rows[: len(rows) - n_change // 2], rows[len(rows) - n_change // 2:]
     write_items(items, base)
     s = Settings(home=str(tmp / "home"), items=[str(items)], id_field="id", text_fields=["name", "description"],
-                 row_group_size=a.row_group_size)
+                 partition_size=a.row_group_size)
     quiet = lambda *_: None  # noqa: E731
 
     t0 = time.perf_counter()

@@ -27,9 +27,11 @@ import json, resource, sys, time
 from embed_assets.core.layout import Layout
 from embed_assets.core.encoder import Encoder
 from embed_assets.core.embed import embed_partition
+from embed_assets.core.items import load_partitions
 layout = Layout.at(sys.argv[1])
 t = time.perf_counter()
-out = embed_partition(layout, "rg_00000", Encoder(), reuse=False, say=lambda m: None)
+key = load_partitions(layout)[0]["partition"]  # one partition (hash prefix), about the target size
+out = embed_partition(layout, key, Encoder(), reuse=False, say=lambda m: None)
 print(json.dumps({"rows": out.manifest.n_rows, "seconds": time.perf_counter() - t,
                   "items_per_s": out.stats.items_per_s,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

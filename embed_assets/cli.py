@@ -59,16 +59,17 @@ def _meta(result, node: str) -> list[dict[str, Any]]:
             for m in result.asset_materializations_for_node(node)]
 
 
-def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
-    """Materialize items, every row-group partition (with its check), then norms, index and report."""
-    from embed_assets.core.items import load_row_groups
+def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[int, dict[str, Any]]:
+    """Materialize items, every partition (with its check), then norms, index and report. `encoder_resource`
+    replaces the encoder (benchmarks of pipeline overhead use `embed_assets.testing`'s stand-in)."""
+    from embed_assets.core.items import load_partitions
     from embed_assets.core.layout import Layout
     from embed_assets.definitions import build_definitions
-    from embed_assets.defs.embeddings.partitions import row_group_partitions
+    from embed_assets.defs.embeddings.partitions import item_partitions
 
     t0 = time.perf_counter()
     layout = Layout.at(settings.home)
-    defs = build_definitions(settings)
+    defs = build_definitions(settings, encoder_resource)
     instance = _instance()
     summary: dict[str, Any] = {"home": str(layout.home), "items": settings.items, "failures": [], "checks": []}
     if layout.home.exists():
@@ -86,14 +87,17 @@ def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
         return _finish(layout, summary, t0, log)
     items_meta = _meta(res, "processed_items")[0]
     summary.update({k: items_meta[k] for k in ("n_items", "n_rows_read", "n_rejected", "n_duplicates")})
+    summary["steps"] = {"processed_items": {k: items_meta[k] for k in (
+        "seconds", "peak_rss_mb", "n_partitions_written", "n_partitions_skipped", "rows_per_s")}}
 
-    keys = [rg["partition"] for rg in load_row_groups(layout)]
+    keys = [p["partition"] for p in load_partitions(layout)]
     # Dynamic partitions live in the instance; a fresh instance needs them registered.
-    missing = [k for k in keys if not instance.has_dynamic_partition(row_group_partitions.name, k)]
+    missing = [k for k in keys if not instance.has_dynamic_partition(item_partitions.name, k)]
     if missing:
-        instance.add_dynamic_partitions(row_group_partitions.name, missing)
+        instance.add_dynamic_partitions(item_partitions.name, missing)
     log(f"[2/3] item_embeddings: {len(keys)} partition(s), {summary['n_items']:,} items")
-    n_encoded = n_reused = 0
+    n_encoded = n_reused = n_written = 0
+    embed_s, embed_peak = 0.0, 0.0
     precisions: list[str] = []  # what ran, over the partitions that encoded something
     probes: list[dict] = []
     embed_job = defs.resolve_job_def("embed_shards_job")
@@ -105,15 +109,24 @@ def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
         for m in _meta(res, "item_embeddings"):
             n_encoded += m["n_encoded"]
             n_reused += m["n_reused"]
+            n_written += not m["skipped_unchanged"]
+            embed_s += m["seconds"]
+            embed_peak = max(embed_peak, m.get("peak_rss_mb", 0.0))
             if m["n_encoded"] and m.get("precision") and m["precision"] not in precisions:
                 precisions.append(m["precision"])
-            if m["n_encoded"] and isinstance(m.get("precision_probe"), dict) and m["precision_probe"] \
-                    and m["precision_probe"] not in probes:  # {}: an explicit precision, not probed
-                probes.append(m["precision_probe"])
+            probe = m.get("precision_probe")
+            # One verdict per distinct probe: partitions encoded after the first one find it cached ("cached" says
+            # where from), which is the same verdict, not another one.
+            if m["n_encoded"] and isinstance(probe, dict) and probe and not any(_same_verdict(probe, p) for p in probes):
+                probes.append(probe)
             log(f"      {key} ({i}/{len(keys)}): {m['rows']:,} rows, encoded {m['n_encoded']:,}, "
                 f"re-used {m['n_reused']:,}{' (unchanged, skipped)' if m['skipped_unchanged'] else ''}, "
                 f"{m['items_per_s']:.1f} items/s")
-    summary.update(n_encoded=n_encoded, n_reused=n_reused, n_partitions=len(keys))
+    summary.update(n_encoded=n_encoded, n_reused=n_reused, n_partitions=len(keys), n_partitions_written=n_written,
+                   n_partitions_skipped=len(keys) - n_written)
+    summary["steps"]["item_embeddings"] = {"seconds": round(embed_s, 3), "peak_rss_mb": round(embed_peak, 1),
+                                           "n_partitions_written": n_written,
+                                           "n_partitions_skipped": len(keys) - n_written}
     summary.update(_precision_summary(precisions, probes, settings))
     if summary["failures"] or not all(c["passed"] for c in summary["checks"]):
         return _finish(layout, summary, t0, log)
@@ -123,6 +136,9 @@ def run_pipeline(settings: Settings, log=print) -> tuple[int, dict[str, Any]]:
         instance=instance, raise_on_error=False, run_config=RUN_CONFIG)
     summary["failures"] += _failures(res)
     summary["checks"] += _checks(res)
+    for node in ("embedding_norms", "faiss_index", "retrieval_report"):
+        for m in _meta(res, node):
+            summary["steps"][node] = {k: m[k] for k in ("seconds", "peak_rss_mb") if k in m}
     report = _meta(res, "retrieval_report")
     if report:
         summary["report"] = {k: report[0][k] for k in ("ndcg_at_1", "ndcg_at_10", "ndcg_at_100", "recall_at_1",
@@ -150,6 +166,11 @@ def _is_bundled_sample(settings: Settings) -> bool:
     """The run is the bundled SciFact sample with its test queries: its numbers compare with the published ones."""
     return (len(settings.items) == 1 and _same_path(settings.items[0], SAMPLE_CORPUS)
             and _same_path(settings.queries, SAMPLE_QUERIES) and _same_path(settings.qrels, SAMPLE_QRELS))
+
+
+def _same_verdict(a: dict, b: dict) -> bool:
+    """Two precision probe results are the same verdict when they differ only in where it was read from."""
+    return {k: v for k, v in a.items() if k != "cached"} == {k: v for k, v in b.items() if k != "cached"}
 
 
 def _precision_summary(precisions: list[str], probes: list[dict], settings: Settings) -> dict[str, Any]:
@@ -240,8 +261,10 @@ def cmd_run(a: argparse.Namespace) -> int:
         s.id_field = a.id_field
     if a.text_fields:
         s.text_fields = split_fields(a.text_fields)
-    if a.row_group_size:
-        s.row_group_size = a.row_group_size
+    if a.partition_size:
+        s.partition_size = a.partition_size
+    if a.memory_budget_mb:
+        s.memory_budget_mb = a.memory_budget_mb
     for k in ("min_ndcg_at_10", "min_recall_at_100", "min_ann_recall_at_10", "norm_tolerance"):
         if getattr(a, k) is not None:
             setattr(s, k, getattr(a, k))
@@ -300,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--items", action="append", help="raw item file or folder (repeatable); default: bundled SciFact")
     r.add_argument("--id-field", help="id field (default _id)")
     r.add_argument("--text-fields", help="comma-separated text fields, joined with a space (default title,text)")
-    r.add_argument("--row-group-size", type=int, help="rows per row group = per partition (default 200000)")
+    r.add_argument("--partition-size", type=int,
+                   help="target items per partition (default 200000); a partition splits in two past 1.25x")
+    r.add_argument("--memory-budget-mb", type=int, help="peak memory of processed_items (default 2048)")
     r.add_argument("--queries", help="BEIR queries.jsonl for the retrieval report")
     r.add_argument("--qrels", help="BEIR qrels .tsv for the retrieval report")
     r.add_argument("--min-ndcg-at-10", type=float)

@@ -29,16 +29,20 @@ def build_resources(s: Settings) -> dict[str, dg.ConfigurableResource]:
     return {
         "home": HomeResource(path=str(Path(s.home).resolve())),
         "items": ItemSource(paths=[str(Path(p).resolve()) for p in s.items], id_field=s.id_field,
-                            text_fields=s.text_fields, row_group_size=s.row_group_size),
+                            text_fields=s.text_fields, partition_size=s.partition_size,
+                            memory_budget_mb=s.memory_budget_mb),
         "encoder": EncoderResource(chunking=s.chunking, device=s.device, precision=s.precision),
         "retrieval": EvalSettings(queries_path=s.queries, qrels_path=s.qrels, index_kind=s.index_kind),
         "thresholds": QualityThresholds(**thresholds),
     }
 
 
-def build_definitions(s: Settings) -> dg.Definitions:
+def build_definitions(s: Settings, encoder_resource: dg.ConfigurableResource | None = None) -> dg.Definitions:
+    resources = build_resources(s)
+    if encoder_resource is not None:
+        resources["encoder"] = encoder_resource
     return dg.Definitions(assets=ASSETS, asset_checks=CHECKS, jobs=JOBS, sensors=[raw_items_sensor],
-                          resources=build_resources(s))
+                          resources=resources)
 
 
 defs = build_definitions(Settings.from_env())

@@ -16,8 +16,8 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data" / "scifact"
 SAMPLE_CORPUS = SAMPLE_DIR / "corpus.jsonl.gz"
 SAMPLE_QUERIES = SAMPLE_DIR / "queries.jsonl.gz"
 SAMPLE_QRELS = SAMPLE_DIR / "qrels" / "test.tsv"
-# The sample is 5,183 items: 1,000-row groups make six partitions, enough to see partitioning at work.
-SAMPLE_ROW_GROUP_SIZE = 1_000
+# The sample is 5,183 items: a 1,000-row target makes eight hash-prefix partitions, enough to see partitioning at work.
+SAMPLE_PARTITION_SIZE = 1_000
 # The published numbers for all-MiniLM-L6-v2 on SciFact test (300 queries), from the MTEB leaderboard: what a run
 # on the bundled sample should reproduce (the demo prints them beside its own; the acceptance test checks them).
 SAMPLE_PUBLISHED = {
@@ -29,7 +29,7 @@ SAMPLE_PUBLISHED = {
     "recall_at_100": 0.92500,
 }
 SAMPLE_PUBLISHED_SOURCE = "MTEB, sentence-transformers/all-MiniLM-L6-v2, SciFact test (300 queries)"
-DEFAULT_ROW_GROUP_SIZE = 200_000
+DEFAULT_PARTITION_SIZE = 200_000
 
 
 def split_fields(value: str) -> list[str]:
@@ -43,7 +43,8 @@ class Settings:
     items: list[str]
     id_field: str = "_id"
     text_fields: list[str] = field(default_factory=lambda: ["title", "text"])
-    row_group_size: int = DEFAULT_ROW_GROUP_SIZE
+    partition_size: int = DEFAULT_PARTITION_SIZE
+    memory_budget_mb: int = 2_048
     queries: Optional[str] = None
     qrels: Optional[str] = None
     norm_tolerance: Optional[float] = None
@@ -57,7 +58,7 @@ class Settings:
 
     @classmethod
     def sample(cls, home: str) -> "Settings":
-        return cls(home=home, items=[str(SAMPLE_CORPUS)], row_group_size=SAMPLE_ROW_GROUP_SIZE,
+        return cls(home=home, items=[str(SAMPLE_CORPUS)], partition_size=SAMPLE_PARTITION_SIZE,
                    queries=str(SAMPLE_QUERIES), qrels=str(SAMPLE_QRELS))
 
     @classmethod
@@ -69,8 +70,10 @@ class Settings:
         s.id_field = env.get("EMBED_ASSETS_ID_FIELD", s.id_field)
         if env.get("EMBED_ASSETS_TEXT_FIELDS"):
             s.text_fields = split_fields(env["EMBED_ASSETS_TEXT_FIELDS"])
-        if env.get("EMBED_ASSETS_ROW_GROUP_SIZE"):
-            s.row_group_size = int(env["EMBED_ASSETS_ROW_GROUP_SIZE"])
+        if env.get("EMBED_ASSETS_PARTITION_SIZE"):
+            s.partition_size = int(env["EMBED_ASSETS_PARTITION_SIZE"])
+        if env.get("EMBED_ASSETS_MEMORY_BUDGET_MB"):
+            s.memory_budget_mb = int(env["EMBED_ASSETS_MEMORY_BUDGET_MB"])
         s.queries = env.get("EMBED_ASSETS_QUERIES", s.queries)
         s.qrels = env.get("EMBED_ASSETS_QRELS", s.qrels)
         s.index_kind = env.get("EMBED_ASSETS_INDEX_KIND", s.index_kind)

@@ -34,6 +34,19 @@ def sample_docs(n: int, start: int = 0) -> list[dict]:
     return out
 
 
+def expected_partitions(ids: list[str], partition_size: int) -> dict[str, list[str]]:
+    """{partition key: its ids, sorted} that a first processed_items run makes of these distinct ids, from the
+    partitioning rule alone (initial depth from the count, splits past 1.25 x the size, id-hash prefixes): an oracle
+    independent of the ingest code."""
+    from embed_assets.core.partitioning import full_level, id_hash, initial_depth, split_overfull
+
+    hashes = {i: id_hash(i) for i in ids}
+    leaves, _ = split_overfull(full_level(initial_depth(len(hashes), partition_size)),
+                               lambda leaf: sum(leaf.holds(h) for h in hashes.values()), partition_size)
+    out = {leaf.key: sorted(i for i, h in hashes.items() if leaf.holds(h)) for leaf in leaves}
+    return {k: v for k, v in out.items() if v}
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -58,13 +71,14 @@ def encoder32():
 
 @pytest.fixture
 def small_corpus(tmp_path: Path) -> Path:
-    """120 real SciFact documents: with row groups of 30, four partitions."""
+    """120 real SciFact documents: with a partition size of 30, the four 2-bit hash prefixes p00..p11 (26 to 34
+    items each; `expected_partitions` derives them)."""
     return write_jsonl(tmp_path / "raw" / "corpus.jsonl", sample_docs(120))
 
 
 @pytest.fixture
 def settings(tmp_path: Path, small_corpus: Path) -> Settings:
-    return Settings(home=str(tmp_path / "home"), items=[str(small_corpus)], row_group_size=30,
+    return Settings(home=str(tmp_path / "home"), items=[str(small_corpus)], partition_size=30,
                     queries=str(SAMPLE_QUERIES), qrels=str(SAMPLE_QRELS), min_recall_at_100=0.0)
 
 

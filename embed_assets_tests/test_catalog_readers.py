@@ -17,8 +17,9 @@ from embed_assets.cli import run_pipeline
 from embed_assets.core import catalog
 from embed_assets.core.embed import embed_partition
 from embed_assets.core.index import build_from_shards, load_index
-from embed_assets.core.items import process_items
+from embed_assets.core.items import load_partitions, process_items
 from embed_assets.core.layout import Layout
+from embed_assets.core.partitioning import id_hash, leaf_of_key
 from embed_assets.core.verify import verify
 from embed_assets.settings import SAMPLE_QRELS, SAMPLE_QUERIES, Settings
 from embed_assets_tests.conftest import sample_docs, write_jsonl
@@ -73,7 +74,7 @@ def _wait_for(path, proc, what: str, timeout: float = 120):
 def test_a_reader_kept_open_during_a_run_blocks_nothing_and_sees_the_rows(tmp_path, dagster_home):
     docs = sample_docs(60)
     corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", docs)
-    settings = Settings(home=str(tmp_path / "home"), items=[str(corpus)], row_group_size=30,
+    settings = Settings(home=str(tmp_path / "home"), items=[str(corpus)], partition_size=30,
                         queries=str(SAMPLE_QUERIES), qrels=str(SAMPLE_QRELS), min_recall_at_100=0.0)
     layout = Layout.at(settings.home)
     read_db = catalog.ensure_reader(layout)  # what any first run creates; here before it, so the reader is early
@@ -91,6 +92,10 @@ def test_a_reader_kept_open_during_a_run_blocks_nothing_and_sees_the_rows(tmp_pa
     assert reader.returncode == 0, out[-3000:]
     assert code == 0, summary
     seen = json.loads(out.strip().splitlines()[-1])
+    parts = load_partitions(layout)
+    keys = [p["partition"] for p in parts]
+    assert len(keys) == 2 and sum(p["n_rows"] for p in parts) == 60
+    first = parts[0]["n_rows"]  # the CLI runs the partitions in order
 
     # The run never waited on the reader: every partition and the index wrote the catalog themselves, none deferred.
     with dg.DagsterInstance.get() as instance:
@@ -103,17 +108,21 @@ def test_a_reader_kept_open_during_a_run_blocks_nothing_and_sees_the_rows(tmp_pa
     # The reader queried all along on one open connection, watched the catalog fill, and now sees every row.
     assert not seen["errors"], seen["errors"]
     assert seen["seen"][0] == [0, 0, 0] and len(seen["seen"]) >= 10
-    assert [1, 30, 30] in seen["seen"]  # between the two partitions: it saw the run's progress, live
+    assert [1, first, first] in seen["seen"]  # between the two partitions: it saw the run's progress, live
     assert seen["final"] == [2, 60, 60]
-    assert seen["where"] == [["rg_00001", str(layout.shard_pt("rg_00001"))]]
+    key = next(k for k in keys if leaf_of_key(k).holds(id_hash(docs[40]["_id"])))
+    assert seen["where"] == [[key, str(layout.shard_pt(key))]]
 
 
 @pytest.mark.parametrize("holder", ["read_only", "read_write"])
 def test_a_held_catalog_defers_and_never_fails_then_catches_up(tmp_path, small_corpus, encoder, holder):
     layout = Layout.at(tmp_path / "home")
-    _, groups = process_items(layout, [small_corpus], "_id", ["title", "text"], row_group_size=40)
+    process_items(layout, [small_corpus], "_id", ["title", "text"], partition_size=40)
+    groups = load_partitions(layout)
     keys = [g["partition"] for g in groups]
-    for k in keys[:2]:
+    assert len(keys) >= 3 and sum(g["n_rows"] for g in groups) == 120
+    last, n_last = keys[-1], groups[-1]["n_rows"]
+    for k in keys[:-1]:
         assert embed_partition(layout, k, encoder).cataloged
 
     held = tmp_path / "held"
@@ -124,9 +133,9 @@ def test_a_held_catalog_defers_and_never_fails_then_catches_up(tmp_path, small_c
         with pytest.raises(catalog.CatalogLocked):  # it really is held
             catalog.sync(layout, timeout_s=0.5)
         # A partition finishes (its shard is trusted, the catalog entry waits) ...
-        out = embed_partition(layout, keys[2], encoder, catalog_timeout_s=2)
-        assert not out.skipped and out.n_encoded == 40 and not out.cataloged
-        # ... the index needs no catalog to decide what to index: built over all three shards, sync deferred ...
+        out = embed_partition(layout, last, encoder, catalog_timeout_s=2)
+        assert not out.skipped and out.n_encoded == n_last and not out.cataloged
+        # ... the index needs no catalog to decide what to index: built over every shard, sync deferred ...
         t0 = time.monotonic()
         manifest = build_from_shards(layout, groups, catalog_timeout_s=2)
         assert time.monotonic() - t0 < 30
@@ -141,8 +150,8 @@ def test_a_held_catalog_defers_and_never_fails_then_catches_up(tmp_path, small_c
     assert proc.returncode == 0, proc.communicate()[0]
 
     # Released: the next sync catches the catalog (and the readers' copy) up from the manifests.
-    assert catalog.query(layout, "SELECT count(*) FROM items") == [(80,)]
-    assert catalog.sync(layout)["added"] == [keys[2]]
+    assert catalog.query(layout, "SELECT count(*) FROM items") == [(120 - n_last,)]
+    assert catalog.sync(layout)["added"] == [last]
     assert catalog.query(layout, "SELECT partition FROM shards ORDER BY partition") == [(k,) for k in keys]
     assert catalog.query(layout, "SELECT count(*), count(DISTINCT item_id) FROM items") == [(120, 120)]
     import duckdb

@@ -6,6 +6,8 @@ import sys
 
 import numpy as np
 
+from embed_assets.core.items import load_partitions
+from embed_assets.core.layout import Layout
 from embed_assets.settings import SAMPLE_PUBLISHED, SAMPLE_QRELS, SAMPLE_QUERIES, Settings
 from embed_assets_tests.conftest import run_cli, sample_docs, write_jsonl
 
@@ -15,7 +17,7 @@ CLI = [sys.executable, "-m", "embed_assets.cli"]
 def test_run_twice_then_fail_a_threshold(tmp_path):
     corpus = write_jsonl(tmp_path / "raw" / "c.jsonl", sample_docs(80))
     home = tmp_path / "home"
-    args = ["run", "--home", str(home), "--items", str(corpus), "--row-group-size", "40",
+    args = ["run", "--home", str(home), "--items", str(corpus), "--partition-size", "40",
             "--queries", str(SAMPLE_QUERIES), "--qrels", str(SAMPLE_QRELS), "--min-recall-at-100", "0"]
     first = run_cli(args, tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -31,7 +33,10 @@ def test_run_twice_then_fail_a_threshold(tmp_path):
     assert f"precision: {summary['precision']} (" in first.stdout
     assert f"cpu: {summary['cpu']['model']}" in first.stdout
     assert "published" not in first.stdout  # 80 items are not the bundled sample: no comparison with the table
-    assert sorted(p.name for p in (home / "embeddings").glob("shard_*.pt")) == ["shard_00000.pt", "shard_00001.pt"]
+    # 80 items at a target of 40: the two 1-bit hash prefixes (neither over 1.25 x 40, so no split)
+    parts = load_partitions(Layout.at(home))
+    assert [p["partition"] for p in parts] == ["p0", "p1"] and sum(p["n_rows"] for p in parts) == 80
+    assert sorted(p.name for p in (home / "embeddings").glob("shard_*.pt")) == ["shard_p0.pt", "shard_p1.pt"]
 
     second = run_cli(args, tmp_path)
     assert second.returncode == 0
@@ -66,7 +71,6 @@ def test_encode_command_writes_fp16_rows_in_input_order(tmp_path, encoder):
 def test_the_bundled_sample_prints_its_numbers_beside_the_published_table(tmp_path):
     """The demo's table, from a made-up report (a real run of the sample is the slow acceptance test's job)."""
     from embed_assets.cli import _finish, _is_bundled_sample, vs_published
-    from embed_assets.core.layout import Layout
 
     sample = Settings.sample(str(tmp_path / "home"))
     assert _is_bundled_sample(sample)

@@ -9,6 +9,7 @@ import torch
 
 from embed_assets.core import catalog
 from embed_assets.core.index import load_index
+from embed_assets.core.items import load_partitions
 from embed_assets.core.layout import Layout
 from embed_assets_tests.conftest import run_cli, sample_docs, write_jsonl
 
@@ -36,7 +37,7 @@ def _consistent(layout: Layout):
 def test_sigkill_at_each_point_then_rerun_is_consistent(tmp_path, point):
     corpus = write_jsonl(tmp_path / "raw.jsonl", sample_docs(60))
     home = tmp_path / "home"
-    args = ["run", "--home", str(home), "--items", str(corpus), "--text-fields", "title", "--row-group-size", "20"]
+    args = ["run", "--home", str(home), "--items", str(corpus), "--text-fields", "title", "--partition-size", "20"]
     if point in ("shard_write", "catalog_write"):
         # crash while *replacing* existing shards: the first run completes, then one title changes
         assert run_cli(args, tmp_path).returncode == 0
@@ -54,10 +55,13 @@ def test_sigkill_at_each_point_then_rerun_is_consistent(tmp_path, point):
 def test_corrupt_shard_is_detected_reported_and_rebuilt(tmp_path):
     corpus = write_jsonl(tmp_path / "raw.jsonl", sample_docs(40))
     home = tmp_path / "home"
-    args = ["run", "--home", str(home), "--items", str(corpus), "--text-fields", "title", "--row-group-size", "20"]
+    args = ["run", "--home", str(home), "--items", str(corpus), "--text-fields", "title", "--partition-size", "20"]
     assert run_cli(args, tmp_path).returncode == 0
     layout = Layout.at(home)
-    pt = layout.shard_pt("rg_00001")
+    parts = load_partitions(layout)
+    assert len(parts) == 2 and sum(p["n_rows"] for p in parts) == 40
+    key, n = parts[1]["partition"], parts[1]["n_rows"]
+    pt = layout.shard_pt(key)
     good = torch.load(pt, weights_only=True)["embeddings"].numpy()
     raw = bytearray(pt.read_bytes())
     raw[-100] ^= 0x55  # flip bits inside the tensor data: still loadable, silently wrong
@@ -65,13 +69,13 @@ def test_corrupt_shard_is_detected_reported_and_rebuilt(tmp_path):
 
     verify = run_cli(["verify", "--home", str(home)], tmp_path)
     assert verify.returncode == 1
-    assert "shard rg_00001: shard_00001.pt checksum mismatch" in verify.stdout
+    assert f"shard {key}: shard_{key}.pt checksum mismatch" in verify.stdout
 
     rerun = run_cli(args, tmp_path)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
-    assert "shard rg_00001" in rerun.stdout and "removed" in rerun.stdout  # reported
+    assert f"shard {key}" in rerun.stdout and "removed" in rerun.stdout  # reported
     summary = json.loads(layout.run_summary_json.read_text())
-    assert summary["n_encoded"] == 20  # rebuilt from the model, not from the corrupt bytes
+    assert summary["n_encoded"] == n  # rebuilt from the model, not from the corrupt bytes
     rebuilt = torch.load(pt, weights_only=True)["embeddings"].numpy()
     np.testing.assert_allclose(rebuilt.astype(np.float32), good.astype(np.float32), atol=2e-3)
     _consistent(layout)
@@ -90,13 +94,16 @@ def test_hostile_rows_are_rejected_and_good_rows_match_a_clean_run(tmp_path):
 
     def run(name):
         r = run_cli(["run", "--home", str(tmp_path / name), "--items", str(tmp_path / f"{name}.jsonl"),
-                  "--id-field", "id", "--text-fields", "title", "--row-group-size", "50"], tmp_path)
+                  "--id-field", "id", "--text-fields", "title", "--partition-size", "50"], tmp_path)
         assert r.returncode == 0, r.stdout[-3000:]
-        d = torch.load(tmp_path / name / "embeddings" / "shard_00000.pt", weights_only=True)
-        return dict(zip(d["item_id"], d["embeddings"].float().numpy()))
+        vectors = {}
+        for pt in sorted((tmp_path / name / "embeddings").glob("shard_*.pt")):  # every partition's shard
+            d = torch.load(pt, weights_only=True)
+            vectors.update(zip(d["item_id"], d["embeddings"].float().numpy()))
+        return vectors
 
     got, ref = run("hostile"), run("clean")
-    assert sorted(got) == sorted(ref)
+    assert sorted(got) == sorted(ref) and len(ref) == 12
     for k in ref:
         np.testing.assert_allclose(got[k], ref[k], atol=2e-3)
     rejects = [json.loads(l) for l in (tmp_path / "hostile" / "reports" / "rejects.jsonl").read_text().splitlines()]

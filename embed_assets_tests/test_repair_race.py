@@ -17,8 +17,9 @@ import dagster as dg
 
 from embed_assets.core import catalog
 from embed_assets.core import verify as verify_mod
-from embed_assets.core.items import load_row_groups, process_items
+from embed_assets.core.items import load_partitions, process_items
 from embed_assets.core.layout import Layout
+from embed_assets.core.partitioning import id_hash, leaf_of_key
 from embed_assets.core.shards import list_manifests, read_manifest, verify_files
 from embed_assets.core.verify import verify
 from embed_assets.definitions import build_definitions
@@ -102,14 +103,15 @@ def _trusted(layout: Layout) -> dict:
 def test_repair_loop_beside_a_real_backfill_removes_nothing_and_encodes_nothing_twice(
         settings, dagster_home, monkeypatch, tmp_path):
     env = {"EMBED_ASSETS_HOME": settings.home, "EMBED_ASSETS_ITEMS": settings.items[0],
-           "EMBED_ASSETS_ROW_GROUP_SIZE": str(settings.row_group_size)}
+           "EMBED_ASSETS_PARTITION_SIZE": str(settings.partition_size)}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with dg.DagsterInstance.get() as instance:
         build_definitions(settings).resolve_job_def("process_items_job").execute_in_process(instance=instance)
-        keys = sorted(instance.get_dynamic_partitions("row_groups"))
-    assert len(keys) == 4
+        keys = sorted(instance.get_dynamic_partitions("item_partitions"))
     layout = Layout.at(settings.home)
+    # 120 items at a target of 30: the four 2-bit hash prefixes, registered exactly as processed
+    assert keys == [p["partition"] for p in load_partitions(layout)] == ["p00", "p01", "p10", "p11"]
 
     stop = tmp_path / "stop-repair"
     loop = subprocess.Popen([sys.executable, "-c", REPAIR_LOOP, str(layout.home), str(stop)], env=_env(),
@@ -142,7 +144,7 @@ def test_repair_loop_beside_a_real_backfill_removes_nothing_and_encodes_nothing_
     # Nothing encoded twice: each partition materialized once, 120 items encoded in all, none re-used or redone.
     with dg.DagsterInstance.get() as instance:
         runs = [r for r in instance.get_run_records() if r.dagster_run.tags.get("dagster/partition") in keys]
-        assert len(runs) == 4 and all(r.dagster_run.is_success for r in runs)
+        assert len(runs) == len(keys) and all(r.dagster_run.is_success for r in runs)
         mats = instance.fetch_materializations(dg.AssetKey("item_embeddings"), limit=100).records
     parts = sorted(r.asset_materialization.partition for r in mats)
     assert parts == keys
@@ -191,18 +193,19 @@ def test_first_write_of_a_partition_is_no_orphan(tmp_path):
     """The .pt of a partition written for the first time exists before its manifest: repair leaves it alone."""
     layout = Layout.at(tmp_path / "home")
     corpus = write_jsonl(tmp_path / "raw.jsonl", sample_docs(25))
-    process_items(layout, [corpus], "_id", ["title", "text"], row_group_size=25)
-    key = load_row_groups(layout)[0]["partition"]
+    process_items(layout, [corpus], "_id", ["title", "text"], partition_size=25)
+    part = load_partitions(layout)[0]  # (at least one hash bit: two partitions; only this one is written)
+    key, n = part["partition"], part["n_rows"]
     with _paused_writer(layout, key, tmp_path) as (proc, gate):
         r = verify(layout, repair=True)
         assert layout.shard_pt(key).exists(), r["fixed"]
         assert r["live"] == [key] and not [f for f in r["fixed"] if "removed" in f], r
         gate.unlink()
         outcome = _outcome(proc)
-    assert outcome == {"skipped": False, "n_encoded": 25, "n_reused": 0}
+    assert outcome == {"skipped": False, "n_encoded": n, "n_reused": 0}
     final = verify(layout, repair=True)
     assert final["ok"] and final["n_trusted_shards"] == 1 and not final["fixed"], final
-    assert catalog.query(layout, "SELECT count(*) FROM items") == [(25,)]
+    assert catalog.query(layout, "SELECT partition, count(*) FROM items GROUP BY 1") == [(key, n)]
 
 
 def test_a_shard_rewritten_while_repair_waits_for_the_lock_is_kept(tmp_path, monkeypatch):
@@ -212,14 +215,15 @@ def test_a_shard_rewritten_while_repair_waits_for_the_lock_is_kept(tmp_path, mon
     layout = Layout.at(tmp_path / "home")
     docs = sample_docs(25)
     corpus = write_jsonl(tmp_path / "raw.jsonl", docs)
-    process_items(layout, [corpus], "_id", ["title", "text"], row_group_size=25)
-    key = load_row_groups(layout)[0]["partition"]
+    process_items(layout, [corpus], "_id", ["title", "text"], partition_size=25)
+    part = next(p for p in load_partitions(layout) if leaf_of_key(p["partition"]).holds(id_hash(docs[3]["_id"])))
+    key, n = part["partition"], part["n_rows"]  # the partition of the item edited below
     first = subprocess.run([sys.executable, "-c", WRITE_PARTITION, str(layout.home), key], cwd=tmp_path, env=_env(),
                            capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     docs[3]["title"] += " (revised)"
     write_jsonl(corpus, docs)
-    process_items(layout, [corpus], "_id", ["title", "text"], row_group_size=25)
+    process_items(layout, [corpus], "_id", ["title", "text"], partition_size=25)
 
     real_lock = verify_mod.partition_lock
     with _paused_writer(layout, key, tmp_path) as (proc, gate):
@@ -235,7 +239,7 @@ def test_a_shard_rewritten_while_repair_waits_for_the_lock_is_kept(tmp_path, mon
         r = verify(layout, repair=True)
         monkeypatch.setattr(verify_mod, "partition_lock", real_lock)
         outcome = _outcome(proc)
-    assert outcome == {"skipped": False, "n_encoded": 1, "n_reused": 24}
+    assert outcome == {"skipped": False, "n_encoded": 1, "n_reused": n - 1}
     assert not [f for f in r["fixed"] if "removed" in f], r["fixed"]
     m = read_manifest(layout, key)
     assert m is not None and verify_files(layout, m) == [] and m.n_encoded == 1

@@ -84,11 +84,11 @@ def _run(home: Path, precision: str) -> dict:
     report = json.loads((home / "reports" / "retrieval_eval.json").read_text())
     assert report["n_items"] == 5183 and report["n_queries"] == 300
     assert report["ann_recall_at_10"] == 1.0
-    assert summary["n_partitions"] == 6 and summary["n_encoded"] == 5183
+    assert summary["n_partitions"] == 8 and summary["n_encoded"] == 5183
     ran = summary["precision"]
     assert isinstance(ran, str), f"{_cpu()}: partitions ran at different precisions: {ran}"
     manifests = [json.loads(p.read_text()) for p in sorted((home / "embeddings").glob("shard_*.manifest.json"))]
-    assert len(manifests) == 6 and {m["precision"] for m in manifests} == {ran}, _cpu()
+    assert len(manifests) == 8 and {m["precision"] for m in manifests} == {ran}, _cpu()
     assert json.loads((home / "reports" / "run_summary.json").read_text())["precision"] == ran
     metrics = _all_metrics(home, ran)
     for k in ("ndcg_at_10", "recall_at_10", "recall_at_100"):  # our recomputation is the report's

@@ -47,7 +47,7 @@ DEFAULT_TIMEOUT_S = 60.0
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS shards (
     partition VARCHAR PRIMARY KEY,
-    row_group INTEGER,
+    hash_depth INTEGER,
     path VARCHAR,
     rows BIGINT,
     dim INTEGER,
@@ -75,7 +75,12 @@ CREATE TABLE IF NOT EXISTS items (
     "row" BIGINT,
     text_hash VARCHAR
 );
+CREATE INDEX IF NOT EXISTS items_text_hash ON items (text_hash);
 """
+
+# Up to this many text hashes are looked up one by one through the index (O(k log N)); more are one scan of the
+# items' text_hash column (O(N), ~10 ms per million rows), which is then the cheaper plan anyway.
+POINT_LOOKUPS_MAX = 2_000
 
 # The readers' copy. One file per partition (replaced by rename, so a reader never sees it missing mid-query) that
 # carries the checksum of the shard it was written for: the `items` view joins it to `shards` on that checksum, so a
@@ -297,7 +302,7 @@ def _insert(con, layout: Layout, m: ShardManifest, items: "pa.Table") -> None:
     _delete_partition(con, m.partition)
     con.execute(
         "INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [m.partition, m.row_group, str(layout.embeddings_dir / m.shard_file), m.n_rows, m.dim, m.dtype,
+        [m.partition, len(m.partition) - 1, str(layout.embeddings_dir / m.shard_file), m.n_rows, m.dim, m.dtype,
          m.model_id, m.model_revision, m.max_seq_length, m.fingerprint, m.rows_fingerprint, m.shard_sha256,
          m.shard_bytes, m.norms["mean"], m.norms["std"], m.norms["min"], m.norms["max"],
          m.norms["frac_outside_tol"], m.n_encoded, m.n_reused, created, now],
@@ -347,10 +352,10 @@ def ingest_manifest(layout: Layout, m: ShardManifest, timeout_s: float = DEFAULT
 
 
 def _current_row_groups(layout: Layout) -> set[str] | None:
-    from embed_assets.core.items import ItemsError, load_row_groups
+    from embed_assets.core.items import ItemsError, load_partitions
 
     try:
-        return {rg["partition"] for rg in load_row_groups(layout)}
+        return {p["partition"] for p in load_partitions(layout)}
     except (ItemsError, OSError, ValueError, KeyError):
         return None
 
@@ -428,6 +433,38 @@ def sync(layout: Layout, valid_partitions: set[str] | None = None,
 
 
 # ---- reading -----------------------------------------------------------------------------------------------------
+
+def partitions_holding(layout: Layout, text_hashes: Iterable[str], version: dict,
+                       timeout_s: float = 5.0) -> list[str]:
+    """Partitions whose cataloged shard (same model id, revision, window and dim) holds any of these text hashes,
+    most hits first. Read-only and short; raises CatalogLocked when busy (callers then simply encode)."""
+    hashes = sorted(set(text_hashes))
+    if not hashes or not layout.catalog_db.exists():
+        return []
+    same = ("SELECT partition FROM shards WHERE model_id = ? AND model_revision = ? AND max_seq_length = ? "
+            "AND dim = ?")
+    vparams = [version.get("model_id"), version.get("model_revision"), version.get("max_seq_length"),
+               version.get("dim")]
+    hits: dict[str, int] = {}
+    with connect(layout.catalog_db, read_only=True, timeout_s=timeout_s) as con:
+        ok = {p for (p,) in con.execute(same, vparams).fetchall()}
+        if not ok:
+            return []
+        if len(hashes) <= POINT_LOOKUPS_MAX:
+            for h in hashes:
+                for (p,) in con.execute("SELECT partition FROM items WHERE text_hash = ?", [h]).fetchall():
+                    hits[p] = hits.get(p, 0) + 1
+        else:
+            import pyarrow as pa
+
+            con.register("_wanted", pa.table({"text_hash": hashes}))
+            try:
+                hits = dict(con.execute("SELECT partition, count(*) FROM items JOIN _wanted USING (text_hash) "
+                                        "GROUP BY partition").fetchall())
+            finally:
+                con.unregister("_wanted")
+    return [p for p, _ in sorted(hits.items(), key=lambda kv: -kv[1]) if p in ok]
+
 
 def query(layout: Layout, sql: str, params: list | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[tuple]:
     """A short read of catalog.duckdb itself, for the code's own checks (it blocks writers while it runs: keep it

@@ -107,7 +107,7 @@ def plan(layout: Layout, source_fp: str, version: dict[str, Any], registered: se
     except ItemsError as e:
         p.items = Work("items", f"items-{source_fp}", f"no usable processed items ({e})")
         return p
-    groups = processed["row_groups"]
+    groups = processed["partitions"]
     p.partitions = [rg["partition"] for rg in groups]
     recorded = (processed.get("source") or {}).get("fingerprint")
     reason = None

@@ -1,7 +1,12 @@
-"""Embed one row group into one shard: skip when current, re-use unchanged items' vectors, encode the rest.
+"""Embed one partition into one shard: skip when current, re-use unchanged items' vectors, encode the rest.
 
-Idempotent: the shard's fingerprint covers the row group's (id, text hash) pairs and the embedding version, so a
+Idempotent: the shard's fingerprint covers the partition's (id, text hash) pairs and the embedding version, so a
 re-run of a finished partition finds its shard current and changes nothing.
+
+Re-use looks vectors up by (text hash, embedding version) at a cost that grows with the items looked up, never with
+the catalog: first in the few shards an item of this partition can have lived in (its own, its previous generation,
+its ancestors' after a split: partitions are hash prefixes of the id, so items never move elsewhere), then, for texts
+still missing, one indexed query of the catalog for the same text anywhere else (a duplicated description).
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import numpy as np
 
 from embed_assets.core import catalog
 from embed_assets.core.encoder import EncodeStats, Encoder
-from embed_assets.core.items import read_row_group, row_group_fingerprint
-from embed_assets.core.layout import Layout, row_group_of
+from embed_assets.core.items import read_partition, row_group_fingerprint
+from embed_assets.core.layout import Layout
+from embed_assets.core.partitioning import leaf_of_key
 from embed_assets.core.shards import (
     NORM_TOLERANCE,
     ShardError,
@@ -50,30 +56,60 @@ def _same_version(m: ShardManifest, version: dict) -> bool:
     return m.version == version
 
 
-def reuse_vectors(layout: Layout, version: dict, wanted: set[str],
-                  say: Callable[[str], None] = log.info) -> dict[str, np.ndarray]:
-    """Vectors of already-embedded texts (by text hash) from trusted shards of the same embedding version: the
-    current shards, then the previous generation (an item that moved may have left its old shard already)."""
+def _take(layout: Layout, m: ShardManifest, folder, wanted: set[str], found: dict[str, np.ndarray], say) -> None:
+    """Copy the vectors of wanted text hashes out of one trusted shard of the same version."""
+    try:
+        items = load_verified_items(layout, m, folder)
+        hashes = items.column("text_hash").to_pylist()
+        rows = [r for r, h in enumerate(hashes) if h in wanted and h not in found]
+        if not rows:
+            return
+        _, emb = load_verified(layout, m, folder)
+    except ShardError as e:
+        say(f"not re-using shard {m.partition}: {e}")  # its items are encoded again instead
+        return
+    for r in rows:
+        found.setdefault(hashes[r], emb[r].copy())  # a copy: never keep a whole shard alive for one row
+
+
+def reuse_vectors(layout: Layout, version: dict, wanted: set[str], key: str | None = None,
+                  say: Callable[[str], None] = log.info, catalog_timeout_s: float = 5.0) -> dict[str, np.ndarray]:
+    """Vectors of already-embedded texts (by text hash) from trusted shards of the same embedding version.
+
+    1. The shards this partition's items can have lived in: its own current shard and previous generation, then its
+       ancestors' (a split's parent moved to previous/): O(depth) shards.
+    2. Texts still missing: the catalog's items table, by text hash (an indexed lookup of exactly those hashes), for
+       the same text in another partition; the shards that hold them are read, nothing else. A busy catalog skips this
+       step (those texts are encoded instead; never wrong, only slower)."""
     found: dict[str, np.ndarray] = {}
     if not wanted:
         return found
-    candidates = [(None, m) for m in list_manifests(layout)]
-    candidates += [(layout.previous_dir, m) for m in list_manifests(layout, layout.previous_dir)]
-    for folder, m in candidates:
-        if not _same_version(m, version):
+    keys = [key] + [a.key for a in leaf_of_key(key).ancestors()] if key else []
+    for k in keys:
+        for folder in (None, layout.previous_dir):
+            try:
+                m = read_manifest(layout, k, folder)
+            except ShardError:
+                m = None
+            if m is not None and _same_version(m, version):
+                _take(layout, m, folder, wanted, found, say)
+            if len(found) == len(wanted):
+                return found
+    rest = wanted - set(found)
+    try:
+        holders = catalog.partitions_holding(layout, rest, version, timeout_s=catalog_timeout_s)
+    except catalog.deferrable_errors() as e:
+        say(f"catalog lookup skipped ({type(e).__name__}); {len(rest):,} texts are encoded instead")
+        holders = []
+    for k in holders:
+        if k in keys:
             continue
         try:
-            items = load_verified_items(layout, m, folder)
-            hashes = items.column("text_hash").to_pylist()
-            rows = [r for r, h in enumerate(hashes) if h in wanted and h not in found]
-            if not rows:
-                continue
-            _, emb = load_verified(layout, m, folder)
-        except ShardError as e:
-            say(f"not re-using shard {m.partition}: {e}")  # it will be encoded again instead
+            m = read_manifest(layout, k)
+        except ShardError:
             continue
-        for r in rows:
-            found.setdefault(hashes[r], emb[r].copy())  # a copy: never keep a whole shard alive for one row
+        if m is not None and _same_version(m, version):
+            _take(layout, m, None, wanted, found, say)
         if len(found) == len(wanted):
             break
     return found
@@ -95,8 +131,7 @@ def embed_partition(
 def _embed_partition(layout: Layout, key: str, encoder: Encoder, say: Callable[[str], None], reuse: bool,
                      catalog_timeout_s: float) -> EmbedOutcome:
     t0 = time.perf_counter()
-    rg = row_group_of(key)
-    table = read_row_group(layout.items_parquet, rg)
+    table = read_partition(layout, key)
     ids = table.column("item_id").to_pylist()
     texts = table.column("text").to_pylist()
     hashes = table.column("text_hash").to_pylist()
@@ -118,7 +153,7 @@ def _embed_partition(layout: Layout, key: str, encoder: Encoder, say: Callable[[
     emb = np.empty((n, encoder.dim), dtype=np.float16)
     todo = np.ones(n, dtype=bool)
     if reuse:
-        found = reuse_vectors(layout, version, set(hashes), say=say)
+        found = reuse_vectors(layout, version, set(hashes), key=key, say=say)
         for r, h in enumerate(hashes):
             v = found.get(h)
             if v is not None:
@@ -133,7 +168,7 @@ def _embed_partition(layout: Layout, key: str, encoder: Encoder, say: Callable[[
         emb[idx] = vecs.astype(np.float16)
 
     manifest = ShardManifest(
-        partition=key, row_group=rg, fingerprint=fp, rows_fingerprint=rows_fp, n_rows=n, dim=encoder.dim,
+        partition=key, fingerprint=fp, rows_fingerprint=rows_fp, n_rows=n, dim=encoder.dim,
         dtype="float16", model_id=version["model_id"], model_revision=version["model_revision"],
         max_seq_length=version["max_seq_length"], chunking=version["chunking"], shard_file="", shard_sha256="",
         shard_bytes=0, items_file="", items_sha256="", norms=norm_stats(emb, NORM_TOLERANCE),

@@ -101,9 +101,82 @@ def load_index(layout: Layout):
     return index, ids, manifest
 
 
+IN_PLACE_MAX_CHANGED = 0.5  # past this share of changed partitions a rebuild is as cheap as an update
+
+
+def _build(layout: Layout, manifests, kind: str):
+    """A fresh index over the shards, in partition order, added shard by shard (memory: the index plus one shard);
+    returns (index, ids, {partition: [start, count]})."""
+    from embed_assets.core.shards import load_verified
+
+    index = build_index(np.zeros((0, EMBEDDING_DIM), dtype=np.float32), kind)
+    ids: list[str] = []
+    ranges = {}
+    for m in manifests:
+        shard_ids, emb = load_verified(layout, m)
+        ranges[m.partition] = [len(ids), len(shard_ids)]
+        ids.extend(shard_ids)
+        index.add(np.ascontiguousarray(emb, dtype=np.float32))
+        del emb
+    return index, ids, ranges
+
+
+def _update_in_place(layout: Layout, kind: str, version: dict, manifests, want: dict[str, str]):
+    """Remove the rows of changed and vanished partitions from the current index and add the new shards' rows, when
+    the index type allows it (flat: exact, so an update equals a rebuild) and few partitions changed. Returns None
+    when a rebuild is due (no trusted index, another kind or version, HNSW, too many changes). Only the changed
+    shards are read."""
+    import faiss
+
+    from embed_assets.core.shards import load_verified
+
+    if kind != "flat":
+        return None
+    try:
+        index, ids, old = load_index(layout)
+    except IndexBuildError:
+        return None
+    ranges = old.get("partition_ranges")
+    built = old.get("shard_fingerprints") or {}
+    if (old.get("kind") != kind or old.get("version") != version or not isinstance(ranges, dict)
+            or not isinstance(index, faiss.IndexFlat) or sum(c for _, c in ranges.values()) != len(ids)):
+        return None
+    removed = sorted(k for k in ranges if built.get(k) != want.get(k))
+    added = [m for m in manifests if built.get(m.partition) != m.fingerprint]
+    if not removed and not added:
+        return index, ids, ranges, {"mode": "unchanged", "n_partitions_added": 0, "n_partitions_removed": 0,
+                                    "n_vectors_added": 0, "n_vectors_removed": 0}
+    if len(set(removed) | {m.partition for m in added}) > IN_PLACE_MAX_CHANGED * max(len(manifests), 1):
+        return None
+    drop = np.zeros(len(ids), dtype=bool)
+    for k in removed:
+        start, count = ranges[k]
+        drop[start:start + count] = True
+    if drop.any():
+        index.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(drop).astype(np.int64)))  # flat: compacts, keeps order
+    kept = [i for i, d in zip(ids, drop) if not d]
+    new_ranges, pos = {}, 0
+    for k, (start, count) in sorted(ranges.items(), key=lambda kv: kv[1][0]):
+        if k not in removed:
+            new_ranges[k] = [pos, count]
+            pos += count
+    for m in added:
+        shard_ids, emb = load_verified(layout, m)
+        index.add(np.ascontiguousarray(emb, dtype=np.float32))
+        new_ranges[m.partition] = [len(kept), len(shard_ids)]
+        kept.extend(shard_ids)
+    how = {"mode": "in_place", "n_partitions_added": len(added), "n_partitions_removed": len(removed),
+           "n_vectors_added": sum(new_ranges[m.partition][1] for m in added), "n_vectors_removed": int(drop.sum())}
+    return index, kept, new_ranges, how
+
+
 def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: str = "flat",
                       tol: float | None = None, catalog_timeout_s: float = 30.0) -> dict[str, Any]:
     """Index every current shard, refusing stale, untrusted, mixed-version or failing-norm shards.
+
+    When a trusted flat index of the same version exists and few partitions changed, it is updated in place: the
+    rows of changed and vanished partitions removed, the new shards' rows added (`update.mode` in the manifest says
+    which happened). Otherwise it is rebuilt from the shards.
 
     What to index comes from the manifests and the files' checksums alone, never from the catalog. The catalog is
     synced on the way (so it lists the indexed shards), but a busy one (`CatalogLocked` after `catalog_timeout_s`)
@@ -128,7 +201,7 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
         if m is None:
             problems.append(f"{rg['partition']}: no shard (materialize item_embeddings for it)")
         elif m.rows_fingerprint != rg["fingerprint"]:
-            problems.append(f"{rg['partition']}: shard is stale, its row group changed (re-materialize it)")
+            problems.append(f"{rg['partition']}: shard is stale, its partition changed (re-materialize it)")
         elif verify_files(layout, m, cached_sha256):
             problems.append(f"{rg['partition']}: shard files do not match the manifest (re-materialize it)")
         elif not norms_within(m.norms, tol):
@@ -148,21 +221,21 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
                         "re-materialize all partitions with one model")
     if problems:
         raise IndexBuildError("index not built:\n  " + "\n  ".join(problems))
-    ids: list[str] = []
-    parts = []
-    for m in manifests:
-        shard_ids, emb = load_verified(layout, m)
-        ids.extend(shard_ids)
-        parts.append(emb.astype(np.float32))
-    vectors = np.concatenate(parts) if parts else np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+    version = manifests[0].version if manifests else {}
+    want = {m.partition: m.fingerprint for m in manifests}
+    updated = _update_in_place(layout, kind, version, manifests, want)
+    if updated is not None:
+        index, ids, ranges, how = updated
+    else:
+        index, ids, ranges = _build(layout, manifests, kind)
+        how = {"mode": "rebuild", "n_partitions_added": len(manifests), "n_partitions_removed": 0,
+               "n_vectors_added": len(ids), "n_vectors_removed": 0}
     if len(set(ids)) != len(ids):
         raise IndexBuildError("index not built: an item id occurs in two shards; re-materialize processed_items")
-    index = build_index(vectors, kind)
     build_s = time.perf_counter() - t0
-    version = manifests[0].version if manifests else {}
     meta = {"kind": kind, "faiss_type": type(index).__name__, "metric": "inner_product", "build_seconds": build_s,
             "version": version, "partitions": [m.partition for m in manifests],
-            "shard_fingerprints": {m.partition: m.fingerprint for m in manifests}, "catalog_sync": sync,
+            "shard_fingerprints": want, "partition_ranges": ranges, "update": how, "catalog_sync": sync,
             "catalog_deferred": bool(deferred), "catalog_deferred_reason": deferred}
     saved = save_index(layout, index, ids, meta)
     # Every shard is current and indexed: the previous generation has served its purpose (except a partition being

@@ -20,6 +20,7 @@ text), and a write of the partitions that changed.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -27,6 +28,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -115,8 +117,42 @@ class Block:
     fields_seen: set[str]
 
 
-def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+class _HashingReader(io.RawIOBase):
+    """Passes a file's bytes on and hashes each one as it goes: the checksum is of exactly the bytes parsed, even
+    when the file is rewritten while it is read."""
+
+    def __init__(self, fh, hasher):
+        self._fh, self._hasher = fh, hasher
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self._fh.readinto(b)
+        if n:
+            self._hasher.update(memoryview(b)[:n])
+        return n
+
+    def drain(self) -> None:
+        """Hash what the parser left unread (gzip padding, a last partial block), so the checksum is the file's."""
+        while block := self._fh.read(1 << 20):
+            self._hasher.update(block)
+
+
+@contextmanager
+def _open_binary(path: Path, hasher=None):
+    """The file's (decompressed) bytes; with `hasher`, every raw byte read is hashed, and the rest of the file
+    too once the caller is done (only on a normal exit: a parse that failed records nothing)."""
+    with open(path, "rb") as raw:
+        reader = _HashingReader(raw, hasher) if hasher is not None else None
+        src = io.BufferedReader(reader, buffer_size=1 << 20) if reader is not None else raw
+        if path.name.lower().endswith(".gz"):
+            with gzip.GzipFile(fileobj=src, mode="rb") as gz:
+                yield gz
+        else:
+            yield src
+        if reader is not None:
+            reader.drain()
 
 
 def _byte_blocks(fh, block_bytes: int) -> Iterator[tuple[int, bytes]]:
@@ -253,24 +289,26 @@ def _arrow_block(t, rows, path: Path, id_field: str, text_fields: Sequence[str],
 
 
 def iter_blocks(path: Path, id_field: str, text_fields: Sequence[str], title_field: str,
-                block_bytes: int) -> Iterator[Block]:
+                block_bytes: int, hasher=None) -> Iterator[Block]:
+    """Blocks of one file. With `hasher`, the file's bytes are hashed as they are read: once the blocks are
+    exhausted it holds the checksum of exactly what was parsed."""
     kind = suffix_of(path)
     if kind in JSONL_SUFFIXES:
-        yield from _jsonl_blocks(path, id_field, text_fields, title_field, block_bytes)
+        yield from _jsonl_blocks(path, id_field, text_fields, title_field, block_bytes, hasher)
     elif kind in CSV_SUFFIXES:
-        yield from _csv_blocks(path, id_field, text_fields, title_field, block_bytes)
+        yield from _csv_blocks(path, id_field, text_fields, title_field, block_bytes, hasher)
     elif kind in PARQUET_SUFFIXES:
-        yield from _parquet_blocks(path, id_field, text_fields, title_field, block_bytes)
+        yield from _parquet_blocks(path, id_field, text_fields, title_field, block_bytes, hasher)
     else:
         raise ItemsError(f"{path}: unsupported file type")
 
 
-def _jsonl_blocks(path, id_field, text_fields, title_field, block_bytes) -> Iterator[Block]:
+def _jsonl_blocks(path, id_field, text_fields, title_field, block_bytes, hasher=None) -> Iterator[Block]:
     import numpy as np
     import pyarrow as pa
     import pyarrow.json as pj
 
-    with _open_binary(path) as fh:
+    with _open_binary(path, hasher) as fh:
         for first, data in _byte_blocks(fh, block_bytes):
             block = None
             n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
@@ -284,11 +322,11 @@ def _jsonl_blocks(path, id_field, text_fields, title_field, block_bytes) -> Iter
             yield block or _python_block(_jsonl_lines(data, first), path, id_field, text_fields, title_field)
 
 
-def _csv_python_rows(path: Path) -> Iterator[tuple[int, Any, str, str]]:
+def _csv_python_rows(path: Path, hasher=None) -> Iterator[tuple[int, Any, str, str]]:
     import csv
 
     csv.field_size_limit(2**31 - 1)  # long descriptions are data, not errors (the default limit is 128 KiB)
-    with _open_binary(path) as raw:
+    with _open_binary(path, hasher) as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
         reader = csv.DictReader(text)
         for k, rec in enumerate(reader, start=2):
@@ -319,7 +357,7 @@ def _chunked(rows: Iterator, n: int) -> Iterator[list]:
         yield buf
 
 
-def _csv_blocks(path, id_field, text_fields, title_field, block_bytes) -> Iterator[Block]:
+def _csv_blocks(path, id_field, text_fields, title_field, block_bytes, hasher=None) -> Iterator[Block]:
     """Arrow's streaming CSV reader (every column as text). A file it cannot read whole (bytes that are not UTF-8,
     a ragged row) raises _RestartExact: the caller drops what this file spilled and reads it row by row instead."""
     import numpy as np
@@ -329,7 +367,7 @@ def _csv_blocks(path, id_field, text_fields, title_field, block_bytes) -> Iterat
     try:
         with _open_binary(path) as fh:
             header = pa_csv.open_csv(fh, read_options=pa_csv.ReadOptions(block_size=1 << 20)).schema.names
-        with _open_binary(path) as fh:
+        with _open_binary(path, hasher) as fh:
             reader = pa_csv.open_csv(
                 fh, read_options=pa_csv.ReadOptions(block_size=max(block_bytes, 1 << 16)),
                 parse_options=pa_csv.ParseOptions(newlines_in_values=True),
@@ -349,17 +387,33 @@ class _RestartExact(Exception):
     """Arrow could not read a file whole: read it again with the exact reader (its spills so far are dropped)."""
 
 
-def _csv_exact_blocks(path, id_field, text_fields, title_field, rows_per_block) -> Iterator[Block]:
-    for chunk in _chunked(_csv_python_rows(path), rows_per_block):
+def _csv_exact_blocks(path, id_field, text_fields, title_field, rows_per_block, hasher=None) -> Iterator[Block]:
+    for chunk in _chunked(_csv_python_rows(path, hasher), rows_per_block):
         yield _python_block(iter(chunk), path, id_field, text_fields, title_field)
 
 
-def _parquet_blocks(path, id_field, text_fields, title_field, block_bytes) -> Iterator[Block]:
+def _parquet_blocks(path, id_field, text_fields, title_field, block_bytes, hasher=None) -> Iterator[Block]:
+    # Parquet is read out of order, so it is hashed first, through the same open file that is then parsed (a rename
+    # over the path does not touch it); an in-place rewrite meanwhile spoils the checksum on purpose, so the recorded
+    # source never matches a later state of the file and the sensor processes it again.
+    with open(path, "rb") as fh:
+        before = os.fstat(fh.fileno())
+        if hasher is not None:
+            while chunk := fh.read(1 << 20):
+                hasher.update(chunk)
+            fh.seek(0)
+        yield from _parquet_file_blocks(fh, path, id_field, text_fields, title_field, block_bytes)
+        after = os.fstat(fh.fileno())
+        if hasher is not None and (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            hasher.update(b"\0changed while being read")
+
+
+def _parquet_file_blocks(fh, path, id_field, text_fields, title_field, block_bytes) -> Iterator[Block]:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(fh)
     wanted = [c for c in dict.fromkeys((id_field, *text_fields, title_field)) if c in pf.schema_arrow.names]
     row = 1
     avg = max(1, pf.metadata.serialized_size // max(pf.metadata.num_rows, 1)) if pf.metadata.num_rows else 1
@@ -449,6 +503,7 @@ class IngestResult:
     n_duplicates: int
     n_truncated: int
     files: list[str]
+    file_sha256: dict[str, str] = field(default_factory=dict)  # of the very bytes parsed, per file
     splits: list[tuple[str, list[str]]] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
@@ -510,6 +565,7 @@ def ingest(
     t0 = time.perf_counter()
     rejects_tmp = work / "rejects.jsonl"
     counts: Counter = Counter()
+    digests: dict[str, str] = {}
     n_read = n_good = n_trunc = 0
     try:
         with open(rejects_tmp, "w", encoding="utf-8") as rej_out:
@@ -521,8 +577,9 @@ def ingest(
                 if size > limits.max_file_bytes:
                     raise ItemsError(f"{path}: {size:,} bytes is over the limit of {limits.max_file_bytes:,}; "
                                      "split the file or raise Limits.max_file_bytes")
-                r, g, tr, c = _read_file(con, path, fi, id_field, text_fields, title_field, limits, block_bytes,
-                                         spill_dir, rej_out, log)
+                r, g, tr, c, digest = _read_file(con, path, fi, id_field, text_fields, title_field, limits,
+                                                 block_bytes, spill_dir, rej_out, log)
+                digests[str(path)] = digest
                 n_read, n_good, n_trunc = n_read + r, n_good + g, n_trunc + tr
                 counts.update(c)
         if not n_good:
@@ -534,7 +591,7 @@ def ingest(
             f"({n_read / max(t1 - t0, 1e-9):,.0f} rows/s); {sum(counts.values()):,} rejected")
         result = _partition(con, spill_dir, out_dir, previous, target_rows, work, log)
         result.n_rows_read, result.n_rejected, result.reject_counts = n_read, sum(counts.values()), dict(counts)
-        result.n_truncated, result.files = n_trunc, [str(f) for f in files]
+        result.n_truncated, result.files, result.file_sha256 = n_trunc, [str(f) for f in files], digests
         result.seconds_read, result.seconds_partition = t1 - t0, time.perf_counter() - t1
         if rejects_path is not None:
             rejects_path.parent.mkdir(parents=True, exist_ok=True)
@@ -546,7 +603,7 @@ def ingest(
 
 
 def _read_file(con, path, fi, id_field, text_fields, title_field, limits, block_bytes, spill_dir, rej_out, log):
-    """One file, in blocks; returns (rows read, good rows, truncated, reject counts)."""
+    """One file, in blocks; returns (rows read, good rows, truncated, reject counts, sha256 of the bytes read)."""
     def attempt(blocks: Iterator[Block]):
         spills, n_read, n_good, n_trunc, counts, seen = [], 0, 0, 0, Counter(), set()
         rejects_lines = []
@@ -573,18 +630,20 @@ def _read_file(con, path, fi, id_field, text_fields, title_field, limits, block_
         return spills, n_read, n_good, n_trunc, counts, seen
 
     pos = rej_out.tell()
+    hasher = hashlib.sha256()
     try:
         try:
             spills, n_read, n_good, n_trunc, counts, seen = attempt(
-                iter_blocks(path, id_field, text_fields, title_field, block_bytes))
+                iter_blocks(path, id_field, text_fields, title_field, block_bytes, hasher))
         except _RestartExact:
             for sp in spill_dir.glob(f"f{fi:05d}_b*.parquet"):
                 sp.unlink()
             rej_out.seek(pos)
             rej_out.truncate()
             log(f"{path}: Arrow's reader could not take it whole; reading it row by row")
+            hasher = hashlib.sha256()
             spills, n_read, n_good, n_trunc, counts, seen = attempt(
-                _csv_exact_blocks(path, id_field, text_fields, title_field, 100_000))
+                _csv_exact_blocks(path, id_field, text_fields, title_field, 100_000, hasher))
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise ItemsError(f"{path}: unreadable ({e}); the file may be truncated or not what its name says") from e
     except ItemsError:
@@ -598,7 +657,7 @@ def _read_file(con, path, fi, id_field, text_fields, title_field, limits, block_
     if n_read and id_field not in seen:
         raise ItemsError(f"{path}: id field {id_field!r} occurs in no row; the file has fields: "
                          f"{', '.join(_fields_of(path))}. Set --id-field.")
-    return n_read, n_good, n_trunc, counts
+    return n_read, n_good, n_trunc, counts, hasher.hexdigest()
 
 
 def _fields_of(path: Path) -> list[str]:

@@ -14,14 +14,13 @@ def home_from_env() -> str:
     return os.environ.get(HOME_ENV, "data")
 
 
-def partition_key(row_group: int) -> str:
-    return f"rg_{row_group:05d}"
+def check_partition_key(key: str) -> str:
+    """A partition key names a hash prefix (`p0110`); it becomes part of file names, so nothing else is accepted."""
+    from embed_assets.core.partitioning import is_partition_key
 
-
-def row_group_of(key: str) -> int:
-    if not key.startswith("rg_") or not key[3:].isdigit():
-        raise ValueError(f"not a row-group partition key: {key!r} (expected rg_NNNNN)")
-    return int(key[3:])
+    if not is_partition_key(key):
+        raise ValueError(f"not a partition key: {key!r} (expected 'p' and the bits of a hash prefix, e.g. p0110)")
+    return key
 
 
 @dataclass(frozen=True)
@@ -37,12 +36,17 @@ class Layout:
         return self.home / "processed"
 
     @property
-    def items_parquet(self) -> Path:
-        return self.processed_dir / "items.parquet"
+    def partitions_dir(self) -> Path:
+        """One Parquet file per partition of processed items."""
+        return self.processed_dir / "partitions"
+
+    def partition_file(self, key: str) -> Path:
+        return self.partitions_dir / f"{check_partition_key(key)}.parquet"
 
     @property
-    def row_groups_json(self) -> Path:
-        return self.processed_dir / "row_groups.json"
+    def partitions_json(self) -> Path:
+        """The partition tree, each partition's fingerprint and file stamp, and the source that was read."""
+        return self.processed_dir / "partitions.json"
 
     @property
     def embeddings_dir(self) -> Path:
@@ -51,17 +55,18 @@ class Layout:
     @property
     def previous_dir(self) -> Path:
         """The generation of each shard before its last rewrite: vectors of items that moved to another row group
-        are re-used from here. Emptied once the index is built over current shards."""
+        are re-used from here (a split's children read their parent's shard here). Emptied once the index is built over
+        current shards."""
         return self.embeddings_dir / "previous"
 
     def shard_pt(self, key: str) -> Path:
-        return self.embeddings_dir / f"shard_{row_group_of(key):05d}.pt"
+        return self.embeddings_dir / f"shard_{check_partition_key(key)}.pt"
 
     def shard_items(self, key: str) -> Path:
-        return self.embeddings_dir / f"shard_{row_group_of(key):05d}.items.parquet"
+        return self.embeddings_dir / f"shard_{check_partition_key(key)}.items.parquet"
 
     def shard_manifest(self, key: str) -> Path:
-        return self.embeddings_dir / f"shard_{row_group_of(key):05d}.manifest.json"
+        return self.embeddings_dir / f"shard_{check_partition_key(key)}.manifest.json"
 
     @property
     def catalog_db(self) -> Path:

@@ -25,7 +25,7 @@ import numpy as np
 
 from embed_assets.core.atomic import atomic_write_bytes, atomic_write_json, sha256_file, temp_path_for
 from embed_assets.core.faults import crash_point
-from embed_assets.core.layout import Layout, partition_key
+from embed_assets.core.layout import Layout
 
 NORM_TOLERANCE = 5e-3  # the seed notebook's sanity cell
 
@@ -37,7 +37,6 @@ class ShardError(RuntimeError):
 @dataclass
 class ShardManifest:
     partition: str
-    row_group: int
     fingerprint: str  # row-group content + embedding version: equal fingerprint => identical shard
     rows_fingerprint: str  # row-group content only
     n_rows: int
@@ -242,13 +241,13 @@ def list_manifests(layout: Layout, folder: Path | None = None) -> list[ShardMani
     return out
 
 
-_SHARD_NAME = re.compile(r"^shard_(\d+)\.")
+_SHARD_NAME = re.compile(r"^shard_(p[01]*)\.")
 
 
 def shard_key_of(name: str) -> str | None:
-    """The partition a shard file belongs to (`shard_00003.pt` -> `rg_00003`); None for any other name."""
+    """The partition a shard file belongs to (`shard_p0110.pt` -> `p0110`); None for any other name."""
     match = _SHARD_NAME.match(name)
-    return partition_key(int(match.group(1))) if match else None
+    return match.group(1) if match else None
 
 
 # sha256 by path, remembered with the file's (size, mtime_ns, ctime_ns, inode). A file whose mtime is within
@@ -406,17 +405,34 @@ def remove_shard(layout: Layout, key: str, keep: bool = True) -> bool:
 
 
 def summarize_norms(layout: Layout, partitions: Sequence[str], tol: float = NORM_TOLERANCE) -> dict[str, Any]:
-    """Norm statistics over all shards, as the seed's sanity cell printed them, plus one row per shard."""
-    per_shard, all_norms = [], []
+    """Norm statistics over all shards, as the seed's sanity cell printed them, plus one row per shard.
+
+    Built from the manifests' per-shard stats (written with each shard, over its fp16 vectors): O(partitions), no
+    shard is read. Only a shard whose recorded range straddles a tolerance other than the one it was recorded with
+    is read again, to count its vectors outside it. The per-partition check reads every shard's real vectors."""
+    per_shard = []
     for key in partitions:
         m = read_manifest(layout, key)
         if m is None:
             raise ShardError(f"partition {key} has no shard yet; materialize item_embeddings for it")
-        _, emb = load_verified(layout, m)
-        norms = row_norms(emb)
-        all_norms.append(norms)
-        per_shard.append({"partition": key, "rows": len(emb), **_stats_of_norms(norms, tol)})
-    overall = {"n_vectors": sum(s["rows"] for s in per_shard),
-               **_stats_of_norms(np.concatenate(all_norms) if all_norms else np.zeros(0, np.float32), tol),
-               "tolerance": tol}
+        st = {k: float(m.norms[k]) for k in ("mean", "std", "min", "max", "frac_outside_tol")}
+        inside = 1 - tol <= st["min"] and st["max"] <= 1 + tol
+        if inside:
+            st["frac_outside_tol"] = 0.0
+        elif tol != NORM_TOLERANCE or not all(np.isfinite(list(st.values()))):
+            _, emb = load_verified(layout, m)
+            st = _stats_of_norms(row_norms(emb), tol)
+        per_shard.append({"partition": key, "rows": m.n_rows, **st})
+    n = sum(s["rows"] for s in per_shard)
+    if n:
+        w = np.array([s["rows"] for s in per_shard], dtype=np.float64) / n
+        means = np.array([s["mean"] for s in per_shard])
+        stds = np.array([s["std"] for s in per_shard])
+        mean = float(w @ means)
+        overall_stats = {"mean": mean, "std": float(np.sqrt(max(w @ (stds**2 + means**2) - mean**2, 0.0))),
+                         "min": min(s["min"] for s in per_shard), "max": max(s["max"] for s in per_shard),
+                         "frac_outside_tol": float(w @ np.array([s["frac_outside_tol"] for s in per_shard]))}
+    else:
+        overall_stats = _stats_of_norms(np.zeros(0, np.float32), tol)
+    overall = {"n_vectors": n, **overall_stats, "tolerance": tol}
     return {"overall": overall, "shards": per_shard}

@@ -16,7 +16,7 @@ from typing import Any
 from embed_assets.core import catalog
 from embed_assets.core.atomic import abandoned_temp_file
 from embed_assets.core.index import IndexBuildError, load_index
-from embed_assets.core.items import ItemsError, load_row_groups
+from embed_assets.core.items import ItemsError, load_partitions
 from embed_assets.core.layout import Layout
 from embed_assets.core.shards import (
     ShardError,
@@ -38,7 +38,7 @@ def _full_hash(path: Path) -> str:
 
 def _valid_partitions(layout: Layout) -> set[str] | None:
     try:
-        return {rg["partition"] for rg in load_row_groups(layout)}
+        return {rg["partition"] for rg in load_partitions(layout)}
     except ItemsError:
         return None
 

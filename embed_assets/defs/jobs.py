@@ -1,7 +1,7 @@
 import dagster as dg
 
 from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
-from embed_assets.defs.embeddings.partitions import row_group_partitions
+from embed_assets.defs.embeddings.partitions import item_partitions
 from embed_assets.defs.evaluation.assets import retrieval_report
 from embed_assets.defs.index.assets import faiss_index
 from embed_assets.defs.items.assets import processed_items
@@ -10,7 +10,7 @@ from embed_assets.defs.items.assets import processed_items
 # items (adds the partitions) -> one run per row group -> norms, index and report over all shards.
 process_items_job = dg.define_asset_job("process_items_job", selection=dg.AssetSelection.assets(processed_items))
 embed_shards_job = dg.define_asset_job(
-    "embed_shards_job", selection=dg.AssetSelection.assets(item_embeddings), partitions_def=row_group_partitions
+    "embed_shards_job", selection=dg.AssetSelection.assets(item_embeddings), partitions_def=item_partitions
 )
 index_and_report_job = dg.define_asset_job(
     "index_and_report_job", selection=dg.AssetSelection.assets(embedding_norms, faiss_index, retrieval_report)

@@ -2,7 +2,7 @@ from typing import List, Optional
 
 import dagster as dg
 
-from embed_assets.core.items import Limits
+from embed_assets.core.items import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PARTITION_ROWS, Limits
 
 
 class ItemSource(dg.ConfigurableResource):
@@ -12,8 +12,10 @@ class ItemSource(dg.ConfigurableResource):
     id_field: str = "_id"
     text_fields: List[str] = ["title", "text"]
     title_field: Optional[str] = None
-    # Rows per row group of items.parquet = rows per embedding partition (the seed used 200,000).
-    row_group_size: int = 200_000
+    # Target rows per partition (the seed's batches were 200,000): a partition splits in two past 1.25x this.
+    partition_size: int = DEFAULT_PARTITION_ROWS
+    # Peak memory of processed_items is bounded by this, not by the catalog (blocks and DuckDB's memory limit).
+    memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB
     max_id_chars: int = Limits.max_id_chars
     max_text_chars: int = Limits.max_text_chars
     max_file_bytes: int = Limits.max_file_bytes

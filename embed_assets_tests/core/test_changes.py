@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from embed_assets.core.atomic import atomic_write_json, sha256_file
 from embed_assets.core.changes import (MAX_ATTEMPTS, MAX_REDO, REDO_WINDOW_S, PastRun, fingerprint_files, next_attempt,
                                        plan)
-from embed_assets.core.items import Limits, items_config, load_processed, process_items, read_items
+from embed_assets.core.items import Limits, items_config, load_partitions, load_processed, process_items
 from embed_assets.core.layout import Layout
 from embed_assets.core.shards import ShardManifest, embedding_fingerprint, norm_stats, write_shard
 
@@ -28,11 +28,11 @@ def _jsonl(path, rows, trailer=b""):
     return path
 
 
-def _config(row_group_size=10):
-    return items_config("_id", ["title"], None, row_group_size, Limits())
+def _config(partition_size=10):
+    return items_config("_id", ["title"], None, partition_size, Limits())
 
 
-def test_read_items_records_the_checksum_of_the_very_bytes_it_parsed(tmp_path):
+def test_processed_items_records_the_checksum_of_the_very_bytes_it_parsed(tmp_path):
     raw = tmp_path / "raw"
     files = [_jsonl(raw / "a.jsonl", _rows(5), trailer=b"\n\n  \n")]
     with gzip.open(raw / "b.jsonl.gz", "wb") as fh:
@@ -45,8 +45,10 @@ def test_read_items_records_the_checksum_of_the_very_bytes_it_parsed(tmp_path):
     files.append(raw / "c.csv")
     pq.write_table(pa.table({"_id": ["p1", "p2"], "title": ["x", "y"]}), raw / "d.parquet")
     files.append(raw / "d.parquet")
-    res = read_items([raw], "_id", ["title"])
+    layout = Layout.at(tmp_path / "home")
+    res = process_items(layout, [raw], "_id", ["title"])
     assert res.file_sha256 == {str(f): sha256_file(f) for f in files}
+    assert load_processed(layout)["source"]["files"] == res.file_sha256
 
 
 def test_processed_items_is_current_exactly_when_the_raw_files_are_what_it_read(tmp_path):
@@ -58,9 +60,12 @@ def test_processed_items_is_current_exactly_when_the_raw_files_are_what_it_read(
     process_items(layout, [str(raw)], "_id", ["title"], 10)
     files, fp = fingerprint_files([str(raw)], _config())
     assert load_processed(layout)["source"]["fingerprint"] == fp
-    p = plan(layout, fp, VERSION, registered={"rg_00000", "rg_00001", "rg_00002"})
-    assert p.items is None and p.partitions == ["rg_00000", "rg_00001", "rg_00002"]
-    assert [w.reason for w in p.shards] == ["no shard yet"] * 3
+    keys = [p["partition"] for p in load_partitions(layout)]
+    assert len(keys) >= 3
+    p = plan(layout, fp, VERSION, registered=set(keys))
+    assert p.items is None and p.partitions == keys
+    assert [w.reason for w in p.shards] == ["no shard yet"] * len(keys)
+    assert [w.partition for w in p.shards] == keys
 
     # Touched, not changed: same fingerprint, and the stat cache hashes it again only because its stat moved.
     a.touch()
@@ -72,18 +77,18 @@ def test_processed_items_is_current_exactly_when_the_raw_files_are_what_it_read(
     a.write_bytes(state_a)
     assert fingerprint_files([str(raw)], _config(), files)[1] == fp
     assert plan(layout, fp, VERSION).items is None
-    # Other settings (row groups of 5) are another wanted state; so are unregistered partitions.
+    # Other settings (partitions of 5) are another wanted state; so are unregistered partitions.
     assert plan(layout, fingerprint_files([str(raw)], _config(5))[1], VERSION).items is not None
-    assert "unregistered: ['rg_00002']" in plan(layout, fp, VERSION, registered={"rg_00000", "rg_00001"}).items.reason
+    assert f"unregistered: [{keys[-1]!r}]" in plan(layout, fp, VERSION, registered=set(keys[:-1])).items.reason
 
 
 def _fake_shards(layout):
-    for rg in load_processed(layout)["row_groups"]:
-        emb = np.tile(np.array([1, 0, 0, 0], np.float16), (rg["n_rows"], 1))
-        ids = [str(i) for i in range(rg["n_rows"])]
-        m = ShardManifest(partition=rg["partition"], row_group=rg["row_group"],
-                          fingerprint=embedding_fingerprint(rg["fingerprint"], VERSION),
-                          rows_fingerprint=rg["fingerprint"], n_rows=rg["n_rows"], dim=4, dtype="float16",
+    for part in load_processed(layout)["partitions"]:
+        emb = np.tile(np.array([1, 0, 0, 0], np.float16), (part["n_rows"], 1))
+        ids = [str(i) for i in range(part["n_rows"])]
+        m = ShardManifest(partition=part["partition"],
+                          fingerprint=embedding_fingerprint(part["fingerprint"], VERSION),
+                          rows_fingerprint=part["fingerprint"], n_rows=part["n_rows"], dim=4, dtype="float16",
                           model_id="test/model", model_revision="r1", max_seq_length=256, chunking=False,
                           shard_file="", shard_sha256="", shard_bytes=0, items_file="", items_sha256="",
                           norms=norm_stats(emb))
@@ -112,16 +117,18 @@ def test_missing_or_corrupt_shards_and_a_damaged_index_are_work_again(tmp_path):
     _fake_index(layout, fps)
     assert plan(layout, fp, VERSION).current
 
-    layout.shard_pt("rg_00000").unlink()
-    data = bytearray(layout.shard_pt("rg_00001").read_bytes())
+    keys = p.partitions
+    assert keys == [part["partition"] for part in load_partitions(layout)] and len(keys) >= 3
+    layout.shard_pt(keys[0]).unlink()
+    data = bytearray(layout.shard_pt(keys[1]).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    layout.shard_pt("rg_00001").write_bytes(bytes(data))
+    layout.shard_pt(keys[1]).write_bytes(bytes(data))
     p = plan(layout, fp, VERSION)
     assert [(w.partition, w.reason) for w in p.shards] == [
-        ("rg_00000", "shard_00000.pt is missing"),
-        ("rg_00001", "shard_00001.pt checksum mismatch (file changed or corrupt)")]
+        (keys[0], f"shard_{keys[0]}.pt is missing"),
+        (keys[1], f"shard_{keys[1]}.pt checksum mismatch (file changed or corrupt)")]
     # The wanted state is the same as before the damage: the same key (the attempt count makes the run key new).
-    assert p.shards[0].key == f"rg_00000-{fps['rg_00000']}" and p.index is None
+    assert p.shards[0].key == f"{keys[0]}-{fps[keys[0]]}" and p.index is None
     # Another embedding version: every shard is out of date.
     assert {w.reason for w in plan(layout, fp, {**VERSION, "model_revision": "r2"}).shards} == {
         "out of date (other rows or another embedding version)"}

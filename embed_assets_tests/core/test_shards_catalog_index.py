@@ -9,29 +9,41 @@ import torch
 from embed_assets.core import catalog
 from embed_assets.core.embed import embed_partition
 from embed_assets.core.index import IndexBuildError, build_from_shards, load_index
-from embed_assets.core.items import process_items
+from embed_assets.core.items import load_partitions, process_items
 from embed_assets.core.layout import Layout
-from embed_assets.core.shards import ShardError, load_verified, read_manifest, validate_shard
+from embed_assets.core.partitioning import id_hash, leaf_of_key
+from embed_assets.core.shards import ShardError, load_verified, read_manifest, shard_key_of, validate_shard
+from embed_assets_tests.conftest import sample_docs
 from embed_assets.core.verify import verify
 
 
 @pytest.fixture
 def built(tmp_path, small_corpus, encoder):
     layout = Layout.at(tmp_path / "home")
-    _, groups = process_items(layout, [small_corpus], "_id", ["title", "text"], row_group_size=40)
+    res = process_items(layout, [small_corpus], "_id", ["title", "text"], partition_size=40)
+    groups = load_partitions(layout)
+    assert groups == res.partitions
     outcomes = [embed_partition(layout, g["partition"], encoder) for g in groups]
     return layout, groups, outcomes
 
 
 def test_shard_is_the_seed_format_and_passes_validation(built):
     layout, groups, outcomes = built
-    assert [o.n_encoded for o in outcomes] == [40, 40, 40]
-    data = torch.load(layout.embeddings_dir / "shard_00000.pt", weights_only=True)  # the seed's loader
-    assert set(data) == {"item_id", "embeddings"}
-    assert isinstance(data["item_id"], list) and isinstance(data["item_id"][0], str)
-    assert data["embeddings"].dtype == torch.float16 and tuple(data["embeddings"].shape) == (40, 384)
-    problems, stats = validate_shard(data["item_id"], data["embeddings"].numpy(), 40, 384)
-    assert problems == [] and abs(stats["mean"] - 1) < 1e-3
+    # 120 items at a target of 40: the 2-bit hash prefixes, none over 1.25 x 40 (so no split)
+    assert [g["partition"] for g in groups] == ["p00", "p01", "p10", "p11"]
+    assert sum(g["n_rows"] for g in groups) == 120
+    assert [o.n_encoded for o in outcomes] == [g["n_rows"] for g in groups]
+    ids = [d["_id"] for d in sample_docs(120)]
+    for g in groups:
+        key, n = g["partition"], g["n_rows"]
+        data = torch.load(layout.embeddings_dir / f"shard_{key}.pt", weights_only=True)  # the seed's loader
+        assert set(data) == {"item_id", "embeddings"}
+        assert isinstance(data["item_id"], list) and isinstance(data["item_id"][0], str)
+        # exactly the items whose id-hash falls in the partition, sorted by id
+        assert data["item_id"] == sorted(i for i in ids if leaf_of_key(key).holds(id_hash(i)))
+        assert data["embeddings"].dtype == torch.float16 and tuple(data["embeddings"].shape) == (n, 384)
+        problems, stats = validate_shard(data["item_id"], data["embeddings"].numpy(), n, 384)
+        assert problems == [] and abs(stats["mean"] - 1) < 1e-3
 
 
 def test_validate_shard_catches_each_problem():
@@ -47,7 +59,10 @@ def test_validate_shard_catches_each_problem():
 def test_catalog_tracks_every_shard_and_item(built):
     layout, groups, _ = built
     rows = catalog.query(layout, "SELECT partition, rows, dim, dtype, model_id FROM shards ORDER BY partition")
-    assert rows == [(g["partition"], 40, 384, "float16", "sentence-transformers/all-MiniLM-L6-v2") for g in groups]
+    assert rows == [(g["partition"], g["n_rows"], 384, "float16", "sentence-transformers/all-MiniLM-L6-v2")
+                    for g in groups]
+    assert catalog.query(layout, "SELECT partition, hash_depth FROM shards ORDER BY partition") == [
+        (g["partition"], len(g["partition"]) - 1) for g in groups]
     assert catalog.query(layout, "SELECT count(*), count(DISTINCT item_id) FROM items") == [(120, 120)]
     assert catalog.sync(layout)["added"] == []  # already in sync
 
@@ -56,24 +71,25 @@ def test_rerun_changes_nothing(built, encoder):
     layout, groups, _ = built
     files = lambda: {p: p.stat().st_mtime_ns for p in layout.embeddings_dir.rglob("*") if p.is_file()}  # noqa
     before = files()
-    out = embed_partition(layout, "rg_00001", encoder)
+    out = embed_partition(layout, groups[1]["partition"], encoder)
     assert out.skipped and out.n_encoded == 0
     assert files() == before
 
 
 def test_corrupt_shard_is_detected_not_used_and_rebuilt(built, encoder):
     layout, groups, _ = built
-    pt = layout.shard_pt("rg_00002")
-    good = read_manifest(layout, "rg_00002")
+    key = groups[2]["partition"]
+    pt = layout.shard_pt(key)
+    good = read_manifest(layout, key)
     raw = bytearray(pt.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     pt.write_bytes(bytes(raw))
     with pytest.raises(ShardError, match="checksum mismatch"):
         load_verified(layout, good)
-    with pytest.raises(IndexBuildError, match="rg_00002: shard files do not match"):
+    with pytest.raises(IndexBuildError, match=f"{key}: shard files do not match"):
         build_from_shards(layout, groups)
-    assert catalog.query(layout, "SELECT count(*) FROM shards WHERE partition = 'rg_00002'") == [(0,)]
-    out = embed_partition(layout, "rg_00002", encoder)
+    assert catalog.query(layout, "SELECT count(*) FROM shards WHERE partition = ?", [key]) == [(0,)]
+    out = embed_partition(layout, key, encoder)
     assert not out.skipped and out.n_reused == 0  # its own corrupt vectors are never re-used
     manifest = build_from_shards(layout, groups)
     assert manifest["n_items"] == 120
@@ -84,9 +100,10 @@ def test_index_is_exact_and_saved_with_its_ids(built):
     build_from_shards(layout, groups)
     index, ids, manifest = load_index(layout)
     assert index.ntotal == 120 and len(ids) == 120 == len(set(ids))
-    _, emb = load_verified(layout, read_manifest(layout, "rg_00000"))
+    key = groups[0]["partition"]
+    _, emb = load_verified(layout, read_manifest(layout, key))
     _, top = index.search(emb[:3].astype(np.float32), 1)
-    assert [ids[i] for i in top[:, 0]] == torch.load(layout.shard_pt("rg_00000"), weights_only=True)["item_id"][:3]
+    assert [ids[i] for i in top[:, 0]] == torch.load(layout.shard_pt(key), weights_only=True)["item_id"][:3]
     assert manifest["faiss_type"] == "IndexFlatIP"
     layout.index_ids.write_bytes(layout.index_ids.read_bytes() + b"x")
     with pytest.raises(Exception, match="does not match"):
@@ -97,9 +114,9 @@ def test_index_refuses_stale_shards_and_mixed_versions(built, tmp_path):
     layout, groups, _ = built
     stale = [dict(g) for g in groups]
     stale[0]["fingerprint"] = "different"
-    with pytest.raises(IndexBuildError, match="rg_00000: shard is stale"):
+    with pytest.raises(IndexBuildError, match=f"{groups[0]['partition']}: shard is stale"):
         build_from_shards(layout, stale)
-    mpath = layout.shard_manifest("rg_00001")
+    mpath = layout.shard_manifest(groups[1]["partition"])
     m = json.loads(mpath.read_text())
     m["model_revision"] = "other"
     mpath.write_text(json.dumps(m))
@@ -118,11 +135,13 @@ def test_sync_hashes_nothing_under_the_catalog_lock_and_unchanged_shards_only_on
     layout, groups, _ = built
     # The catalog lacks a partition whose shard is on disk (as after a deferred ingest): the shard goes away, a sync
     # drops it, it comes back.
+    key = groups[1]["partition"]
     away = layout.home / "away"
     away.mkdir()
-    for p in layout.embeddings_dir.glob("shard_00001.*"):
+    for p in layout.embeddings_dir.glob(f"shard_{key}.*"):
         p.rename(away / p.name)
-    assert catalog.sync(layout)["removed"] == ["rg_00001"]
+    assert len(list(away.iterdir())) == 3
+    assert catalog.sync(layout)["removed"] == [key]
     for p in away.iterdir():
         p.rename(layout.embeddings_dir / p.name)
     aged = time.time() - 60  # files written in the last 2 s are always re-hashed (mtime granularity)
@@ -147,7 +166,7 @@ def test_sync_hashes_nothing_under_the_catalog_lock_and_unchanged_shards_only_on
 
     monkeypatch.setattr(catalog, "connect", watched_connect)
     monkeypatch.setattr(hashlib, "sha256", watched_sha256)
-    assert catalog.sync(layout)["added"] == ["rg_00001"]
+    assert catalog.sync(layout)["added"] == [key]
     assert hashes and not any(hashes), f"{sum(hashes)} of {len(hashes)} hashes taken while holding the catalog"
     assert catalog.query(layout, "SELECT count(*) FROM items") == [(120,)]
     hashes.clear()
@@ -159,6 +178,7 @@ def test_readers_copy_lists_exactly_the_catalog(built):
     import duckdb
 
     layout, groups, _ = built
+    key, n = groups[2]["partition"], groups[2]["n_rows"]
     with duckdb.connect(str(catalog.reader_db(layout)), read_only=True) as con:
         shards = con.execute("SELECT partition, sha256, rows FROM shards ORDER BY partition").fetchall()
         items = con.execute("SELECT item_id, partition, \"row\", text_hash FROM items ORDER BY item_id").fetchall()
@@ -169,15 +189,15 @@ def test_readers_copy_lists_exactly_the_catalog(built):
     # are hidden (the two copies disagree), never shown wrong, and the next sync republishes from the catalog.
     export = layout.home / "catalog" / "shards.parquet"
     with duckdb.connect() as con:
-        con.execute(f"COPY (SELECT * REPLACE (CASE WHEN partition = 'rg_00002' THEN 'ahead' ELSE sha256 END "
+        con.execute(f"COPY (SELECT * REPLACE (CASE WHEN partition = '{key}' THEN 'ahead' ELSE sha256 END "
                     f"AS sha256) FROM read_parquet('{export}')) TO '{export}.new' (FORMAT parquet)")
     export.with_name(export.name + ".new").replace(export)
     with duckdb.connect(str(catalog.reader_db(layout)), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM items WHERE partition = 'rg_00002'").fetchone() == (0,)
+        assert con.execute("SELECT count(*) FROM items WHERE partition = ?", [key]).fetchone() == (0,)
     assert not verify(layout)["ok"]  # verify notices the copy differs
     assert catalog.sync(layout)["added"] == []  # the catalog itself is right; only the copy is republished
     with duckdb.connect(str(catalog.reader_db(layout)), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM items WHERE partition = 'rg_00002'").fetchone() == (40,)
+        assert con.execute("SELECT count(*) FROM items WHERE partition = ?", [key]).fetchone() == (n,)
     assert verify(layout)["ok"]
 
 
@@ -190,13 +210,13 @@ def test_clear_previous_spares_live_writers_and_the_indexed_generation(built):
     for k in keys:
         keep_previous(layout, k)
     previous = lambda: sorted(p.name for p in layout.previous_dir.iterdir())  # noqa: E731
-    assert len(previous()) == 9
+    assert len(keys) >= 3 and len(previous()) == 3 * len(keys)
     fingerprints = {k: read_manifest(layout, k).fingerprint for k in keys}
-    # rg_00001's indexed generation was replaced after the index read it: a running writer may re-use it
-    replaced = json.loads(layout.shard_manifest("rg_00001").read_text())  # replaced by rename, as writers do
-    atomic_write_json(layout.shard_manifest("rg_00001"), {**replaced, "fingerprint": "a newer generation"})
-    with partition_lock(layout, "rg_00000"):  # a writer of rg_00000 is at work (and may be filling previous/)
-        clear_previous(layout, fingerprints)  # rg_00002: the indexed generation is still current, nothing to keep
-    assert [n[:11] for n in previous()] == ["shard_00000"] * 3 + ["shard_00001"] * 3
+    # keys[1]'s indexed generation was replaced after the index read it: a running writer may re-use it
+    replaced = json.loads(layout.shard_manifest(keys[1]).read_text())  # replaced by rename, as writers do
+    atomic_write_json(layout.shard_manifest(keys[1]), {**replaced, "fingerprint": "a newer generation"})
+    with partition_lock(layout, keys[0]):  # a writer of keys[0] is at work (and may be filling previous/)
+        clear_previous(layout, fingerprints)  # keys[2:]: the indexed generation is still current, nothing to keep
+    assert [shard_key_of(n) for n in previous()] == [keys[0]] * 3 + [keys[1]] * 3
     clear_previous(layout, {})
     assert previous() == []

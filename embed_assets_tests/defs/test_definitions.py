@@ -19,7 +19,7 @@ def test_defs_load_with_the_whole_graph():
     assert parents["item_embeddings"] == {"processed_items"}
     assert parents["faiss_index"] == {"item_embeddings", "embedding_norms"}
     assert parents["retrieval_report"] == {"faiss_index"}
-    assert graph.get(dg.AssetKey("item_embeddings")).partitions_def.name == "row_groups"
+    assert graph.get(dg.AssetKey("item_embeddings")).partitions_def.name == "item_partitions"
 
 
 def test_loading_the_code_location_imports_no_torch_faiss_or_sentence_transformers():

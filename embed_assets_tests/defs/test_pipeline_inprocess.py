@@ -7,11 +7,14 @@ import dagster as dg
 import torch
 
 from embed_assets.core import catalog
+from embed_assets.core.items import load_partitions
 from embed_assets.core.layout import Layout
+from embed_assets.core.partitioning import id_hash, leaf_of_key
 from embed_assets.definitions import ASSETS, CHECKS, build_definitions, build_resources
 from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
 from embed_assets.defs.index.assets import faiss_index
 from embed_assets.defs.items.assets import processed_items
+from embed_assets_tests.conftest import expected_partitions, sample_docs
 
 
 def _run_all(defs, instance, keys):
@@ -21,14 +24,20 @@ def _run_all(defs, instance, keys):
     return results
 
 
-def test_graph_end_to_end_with_a_partition_per_row_group(settings):
+def test_graph_end_to_end_with_a_dagster_partition_per_item_partition(settings):
     defs = build_definitions(settings)
     instance = dg.DagsterInstance.ephemeral()
     res = defs.resolve_job_def("process_items_job").execute_in_process(instance=instance)
-    keys = instance.get_dynamic_partitions("row_groups")
-    assert keys == ["rg_00000", "rg_00001", "rg_00002", "rg_00003"]
+    keys = instance.get_dynamic_partitions("item_partitions")
+    layout = Layout.at(settings.home)
+    parts = load_partitions(layout)
+    expected = expected_partitions([d["_id"] for d in sample_docs(120)], settings.partition_size)
+    assert keys == [p["partition"] for p in parts] == sorted(expected) and len(keys) == 4
+    assert [p["n_rows"] for p in parts] == [len(expected[k]) for k in keys]
     meta = res.asset_materializations_for_node("processed_items")[0].metadata
-    assert meta["n_items"].value == 120 and meta["n_row_groups"].value == 4
+    assert meta["n_items"].value == 120 and meta["n_partitions"].value == 4
+    assert meta["n_partitions_written"].value == 4 and meta["n_partitions_skipped"].value == 0
+    assert meta["partition_size"].value == 30
 
     results = _run_all(defs, instance, keys)
     evals = [e for r in results for e in r.get_asset_check_evaluations()]
@@ -36,7 +45,7 @@ def test_graph_end_to_end_with_a_partition_per_row_group(settings):
         [("shard_norm_check", True)] * 4
     assert all(e.passed for e in evals)
     emb_meta = results[0].asset_materializations_for_node("item_embeddings")[0].metadata
-    assert emb_meta["rows"].value == 30 and emb_meta["n_encoded"].value == 30
+    assert emb_meta["rows"].value == emb_meta["n_encoded"].value == parts[0]["n_rows"]
     import hashlib
 
     from embed_assets.core.encoder import bundled_model_path
@@ -44,12 +53,12 @@ def test_graph_end_to_end_with_a_partition_per_row_group(settings):
     weights = hashlib.sha256((bundled_model_path() / "model.safetensors").read_bytes()).hexdigest()
     assert emb_meta["items_per_s"].value > 0 and emb_meta["model_revision"].value.endswith("+" + weights[:12])
 
-    layout = Layout.at(settings.home)
     # the seed's next notebook reads every shard unchanged
     shards = sorted(layout.embeddings_dir.glob("shard_*.pt"))
-    assert len(shards) == 4
+    assert shards == [layout.shard_pt(k) for k in keys]
     ids = [i for p in shards for i in torch.load(p, weights_only=True)["item_id"]]
     assert len(ids) == len(set(ids)) == 120
+    assert ids == [i for k in keys for i in expected[k]]  # each shard: exactly its partition's items, sorted
     report = json.loads(layout.report_json.read_text())
     for k in ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10", "ann_recall_at_10", "n_items",
               "n_queries", "latency_ms"):
@@ -65,7 +74,7 @@ def test_graph_end_to_end_with_a_partition_per_row_group(settings):
     files = lambda: {p.name: (p.stat().st_mtime_ns, p.read_bytes())  # noqa: E731
                      for p in layout.embeddings_dir.rglob("*") if p.is_file()}
     before = files()
-    again = defs.resolve_job_def("embed_shards_job").execute_in_process(instance=instance, partition_key="rg_00002")
+    again = defs.resolve_job_def("embed_shards_job").execute_in_process(instance=instance, partition_key=keys[2])
     m = again.asset_materializations_for_node("item_embeddings")[0].metadata
     assert m["skipped_unchanged"].value is True and m["n_encoded"].value == 0
     assert files() == before
@@ -76,16 +85,17 @@ def test_failing_norm_check_blocks_the_index(settings):
     resources = build_resources(settings)
     instance = dg.DagsterInstance.ephemeral()
     dg.materialize([processed_items], resources=resources, instance=instance)
+    key = load_partitions(Layout.at(settings.home))[0]["partition"]
     result = dg.materialize(
         [*ASSETS, *CHECKS],
         selection=[item_embeddings, embedding_norms, faiss_index],
-        partition_key="rg_00000",
+        partition_key=key,
         resources=resources,
         instance=instance,
         raise_on_error=False,
     )
     evals = result.get_asset_check_evaluations()
-    assert [(e.check_name, e.passed, e.partition) for e in evals] == [("shard_norm_check", False, "rg_00000")]
+    assert [(e.check_name, e.passed, e.partition) for e in evals] == [("shard_norm_check", False, key)]
     assert "outside 1 ± 1e-09" in evals[0].metadata["problems"].value
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialized == {"item_embeddings"}
@@ -96,7 +106,7 @@ def test_norm_summary_check_blocks_the_index_in_the_unpartitioned_run(settings):
     defs = build_definitions(settings)
     instance = dg.DagsterInstance.ephemeral()
     defs.resolve_job_def("process_items_job").execute_in_process(instance=instance)
-    for k in instance.get_dynamic_partitions("row_groups"):
+    for k in instance.get_dynamic_partitions("item_partitions"):
         defs.resolve_job_def("embed_shards_job").execute_in_process(instance=instance, partition_key=k)
     settings.norm_tolerance = 1e-9
     strict = build_definitions(settings)
@@ -117,10 +127,12 @@ def test_norm_check_fails_a_shard_encoded_from_other_text(settings, monkeypatch)
     resources = build_resources(settings)
     instance = dg.DagsterInstance.ephemeral()
     dg.materialize([processed_items], resources=resources, instance=instance)
-    dg.materialize([*ASSETS, *CHECKS], selection=[item_embeddings], partition_key="rg_00001",
-                   resources=resources, instance=instance)
     rows = [json.loads(line) for line in open(settings.items[0], encoding="utf-8")]
     edited = rows[31]["_id"]
+    key = next(p["partition"] for p in load_partitions(Layout.at(settings.home))
+               if leaf_of_key(p["partition"]).holds(id_hash(edited)))  # the edited item's partition
+    dg.materialize([*ASSETS, *CHECKS], selection=[item_embeddings], partition_key=key,
+                   resources=resources, instance=instance)
     rows[31]["title"] = "An entirely different title " + rows[31]["title"]
     write_jsonl(Path(settings.items[0]), rows)
     dg.materialize([processed_items], resources=resources, instance=instance)
@@ -130,7 +142,7 @@ def test_norm_check_fails_a_shard_encoded_from_other_text(settings, monkeypatch)
 
     monkeypatch.setattr("embed_assets.defs.embeddings.assets.embed_partition",
                         lambda layout, key, *a, **kw: EmbedOutcome(read_manifest(layout, key), skipped=True))
-    result = dg.materialize([*ASSETS, *CHECKS], selection=[item_embeddings], partition_key="rg_00001",
+    result = dg.materialize([*ASSETS, *CHECKS], selection=[item_embeddings], partition_key=key,
                             resources=resources, instance=instance, raise_on_error=False)
     [ev] = result.get_asset_check_evaluations()
     assert not ev.passed

@@ -2,12 +2,14 @@
 
 The tests run in order against the same HOME; each starts by waiting until everything has converged (no run active,
 and `core.changes.plan` finds nothing to do) and picks its partitions from what is there, so each also runs alone:
-- a new file dropped into the watched folder leads, with no other action, to updated shards, catalog, index, report;
+- a new file dropped into the watched folder leads, with no other action, to updated shards, catalog, index, report
+  (its items all land in one partition, which splits; its children re-use the parent's vectors, the other partition
+  is left alone);
 - (a) raw contents A -> B -> A converge each time (a state seen before is wanted again);
 - (b) a deleted shard, a corrupted shard and a deleted index file are rebuilt (the state regressed after success);
 - (c) a partition being materialized by a UI-style run (`__ASSET_JOB`) is not requested again meanwhile;
 - (d) a sensor run that the user cancels is not relaunched until the inputs change;
-- a CLI backfill of every row group runs one run per partition, each finding its shard current.
+- a CLI backfill of every partition runs one run per partition, each finding its shard current.
 """
 
 import json
@@ -24,15 +26,16 @@ import pytest
 
 from embed_assets.core import catalog
 from embed_assets.core.changes import fingerprint_files, plan
-from embed_assets.core.items import Limits, items_config
+from embed_assets.core.items import Limits, items_config, load_partitions
 from embed_assets.core.layout import Layout
+from embed_assets.core.partitioning import id_hash, leaf_of_key
 from embed_assets.core.shards import read_manifest, verify_files
 from embed_assets.core.verify import verify
 from embed_assets.defs.items.sensors import ACTIVE, REQUEST_TAG
-from embed_assets_tests.conftest import sample_docs, write_jsonl
+from embed_assets_tests.conftest import expected_partitions, sample_docs, write_jsonl
 
 ROOT = Path(__file__).parents[2]
-ROW_GROUP = 10
+PARTITION_SIZE = 10
 BIN = Path(sys.executable).parent
 
 
@@ -51,11 +54,13 @@ def d(tmp_path_factory):
     dagster_home.mkdir()
     # The default queued run coordinator, polled every second instead of 5 (runs start sooner; nothing else changes).
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nrun_queue:\n  dequeue_interval_seconds: 1\n")
-    docs = sample_docs(30)
+    # 20 items (two 1-bit partitions, p0 and p1), then 10 more that all fall in p0 (for the new-file test)
+    pool = sample_docs(80)
+    docs = pool[:20] + [x for x in pool[20:] if leaf_of_key("p0").holds(id_hash(x["_id"]))][:10]
     write_jsonl(raw / "part-1.jsonl", docs[:20])
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "EMBED_ASSETS_HOME": str(home),
            "EMBED_ASSETS_ITEMS": str(raw), "EMBED_ASSETS_TEXT_FIELDS": "title",
-           "EMBED_ASSETS_ROW_GROUP_SIZE": str(ROW_GROUP), "EMBED_ASSETS_SENSOR": "on",
+           "EMBED_ASSETS_PARTITION_SIZE": str(PARTITION_SIZE), "EMBED_ASSETS_SENSOR": "on",
            "EMBED_ASSETS_SENSOR_INTERVAL_S": "2", "OMP_NUM_THREADS": "1",
            "EMBED_ASSETS_PAUSE_AT": "embed_start", "EMBED_ASSETS_PAUSE_FILE": str(tmp / "gate_d")}
     env.pop("EMBED_ASSETS_CRASH_AT", None)
@@ -67,13 +72,13 @@ def d(tmp_path_factory):
         instance = dg.DagsterInstance.get()
         instance.get_runs(limit=1)
         instance.all_instigator_state()
-        instance.get_dynamic_partitions("row_groups")
+        instance.get_dynamic_partitions("item_partitions")
         with open(log, "w") as out:
             proc = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-m", "embed_assets.definitions"], cwd=tmp,
                                     env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         ns = SimpleNamespace(tmp=tmp, raw=raw, docs=docs, env=env, log=log, proc=proc, instance=instance,
                              layout=Layout.at(home), version=_version(), others=[],
-                             config=items_config("_id", ["title"], None, ROW_GROUP, Limits()))
+                             config=items_config("_id", ["title"], None, PARTITION_SIZE, Limits()))
         try:
             yield ns
         finally:
@@ -100,7 +105,7 @@ def _wait_for(d, pred, timeout_s: float, what: str):
 
 
 def _plan(d):
-    registered = set(d.instance.get_dynamic_partitions("row_groups"))
+    registered = set(d.instance.get_dynamic_partitions("item_partitions"))
     return plan(d.layout, fingerprint_files([str(d.raw)], d.config)[1], d.version, registered)
 
 
@@ -148,14 +153,20 @@ def _index_fingerprints(layout: Layout) -> dict:
     return json.loads(layout.index_manifest.read_text())["shard_fingerprints"]
 
 
+def _keys(d) -> list[str]:
+    return [p["partition"] for p in load_partitions(d.layout)]
+
+
+def _partition_of(d, item_id: str) -> str:
+    """The partition holding an item: the one whose hash prefix its id-hash starts with."""
+    return next(k for k in _keys(d) if leaf_of_key(k).holds(id_hash(item_id)))
+
+
 def _last_item(d) -> tuple[Path, str, str]:
     """The last raw file, the id of its first item and that item's partition."""
-    import pyarrow.parquet as pq
-
     last = sorted(d.raw.glob("*.jsonl"))[-1]
     item = json.loads(last.read_text().splitlines()[0])["_id"]
-    row = pq.read_table(d.layout.items_parquet, columns=["item_id"]).column("item_id").to_pylist().index(item)
-    return last, item, f"rg_{row // ROW_GROUP:05d}"
+    return last, item, _partition_of(d, item)
 
 
 def _retitle(path: Path, item_id: str, title: str):
@@ -170,18 +181,27 @@ def _retitle(path: Path, item_id: str, title: str):
 def test_new_file_in_watched_folder_updates_everything(d):
     _converge(d, "first convergence (20 items)", 480)
     assert _report_items(d.layout) == 20
-    assert len(list(d.layout.embeddings_dir.glob("shard_*.pt"))) == 2
-    first_shard = d.layout.shard_manifest("rg_00000").read_text()
+    before = expected_partitions([x["_id"] for x in d.docs[:20]], PARTITION_SIZE)
+    assert _keys(d) == sorted(before) == ["p0", "p1"]
+    assert sorted(p.name for p in d.layout.embeddings_dir.glob("shard_*.pt")) == [f"shard_{k}.pt" for k in before]
+    untouched = d.layout.shard_manifest("p1").read_text()
 
-    write_jsonl(d.raw / "part-2.jsonl", d.docs[20:])  # the new data lands
+    write_jsonl(d.raw / "part-2.jsonl", d.docs[20:])  # the new data lands, all of it in p0
     _wait_for(d, lambda: _report_items(d.layout) == 30 and _converged(d), 300, "updated report (30 items)")
-    assert sorted(p.name for p in d.layout.embeddings_dir.glob("shard_*.pt")) == \
-        ["shard_00000.pt", "shard_00001.pt", "shard_00002.pt"]
+    # p0 outgrew 1.25 x the target and split into its children; p1 kept its key
+    keys = ["p00", "p01", "p1"]
+    assert _keys(d) == keys and sorted(d.instance.get_dynamic_partitions("item_partitions")) == keys
+    assert sorted(p.name for p in d.layout.embeddings_dir.glob("shard_*.pt")) == [f"shard_{k}.pt" for k in keys]
     assert catalog.query(d.layout, "SELECT count(*), count(DISTINCT item_id) FROM items") == [(30, 30)]
+    assert catalog.query(d.layout, "SELECT partition, count(*) FROM items GROUP BY 1 ORDER BY 1") == \
+        [(k, sum(leaf_of_key(k).holds(id_hash(x["_id"])) for x in d.docs)) for k in keys]
     manifest = json.loads(d.layout.index_manifest.read_text())
-    assert manifest["n_items"] == 30 and manifest["partitions"] == ["rg_00000", "rg_00001", "rg_00002"]
+    assert manifest["n_items"] == 30 and manifest["partitions"] == keys
+    # The children re-used all of the parent's vectors and encoded only the new items.
+    children = [read_manifest(d.layout, k) for k in ("p00", "p01")]
+    assert sum(m.n_reused for m in children) == len(before["p0"]) and sum(m.n_encoded for m in children) == 10
     # The unchanged partition was not touched (same manifest: same checksums, same creation time).
-    assert d.layout.shard_manifest("rg_00000").read_text() == first_shard
+    assert d.layout.shard_manifest("p1").read_text() == untouched
 
 
 def test_a_raw_contents_a_b_a_converge_each_time(d):
@@ -209,10 +229,11 @@ def test_a_raw_contents_a_b_a_converge_each_time(d):
 def test_b_deleted_or_corrupt_shards_and_index_are_rebuilt(d):
     """(b) The state regressed after a successful run: same wanted state, work again."""
     _converge(d, "convergence before (b)")
-    before = {k: read_manifest(d.layout, k) for k in ("rg_00000", "rg_00001")}
+    gone, corrupt = _keys(d)[:2]
+    before = {k: read_manifest(d.layout, k) for k in (gone, corrupt)}
     index_before = json.loads(d.layout.index_manifest.read_text())
-    d.layout.shard_pt("rg_00000").unlink()
-    pt = d.layout.shard_pt("rg_00001")
+    d.layout.shard_pt(gone).unlink()
+    pt = d.layout.shard_pt(corrupt)
     data = bytearray(pt.read_bytes())
     data[len(data) // 2: len(data) // 2 + 8] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 8])
     pt.write_bytes(bytes(data))
@@ -234,7 +255,9 @@ def test_c_a_partition_materializing_from_the_ui_is_not_requested_again(d):
     """(c) A UI run (`__ASSET_JOB`, here from `dagster asset materialize`) holds a partition; its inputs change
     meanwhile; the sensor processes the items but leaves that partition to the UI run."""
     _converge(d, "convergence before (c)")
-    key, t0 = "rg_00001", time.time()
+    part1 = d.raw / "part-1.jsonl"
+    edited = json.loads(part1.read_text().splitlines()[PARTITION_SIZE])["_id"]
+    key, t0 = _partition_of(d, edited), time.time()
     gate = d.tmp / "gate_c"
     gate.touch()
     env = {**d.env, "EMBED_ASSETS_PAUSE_FILE": str(gate)}
@@ -251,8 +274,7 @@ def test_c_a_partition_materializing_from_the_ui_is_not_requested_again(d):
 
         _wait_for(d, ui_run, 180, "the UI run to start")
         run_id = ui_run().run_id
-        part1 = d.raw / "part-1.jsonl"
-        _retitle(part1, json.loads(part1.read_text().splitlines()[ROW_GROUP])["_id"], "Edited while a UI run waits")
+        _retitle(part1, edited, "Edited while a UI run waits")
 
         def only_key_left():  # processed_items done (its run finished too), only the held partition left
             active = {r.run_id for r in d.instance.get_runs(filters=dg.RunsFilter(statuses=ACTIVE))}
@@ -310,7 +332,8 @@ def test_d_a_cancelled_run_is_not_retried_until_the_inputs_change(d):
 
 def test_cli_backfill_runs_one_run_per_partition_and_keeps_current_shards(d):
     _converge(d, "convergence before the backfill")
-    keys = sorted(d.instance.get_dynamic_partitions("row_groups"))
+    keys = sorted(d.instance.get_dynamic_partitions("item_partitions"))
+    assert keys == _keys(d)
     manifests = {k: d.layout.shard_manifest(k).read_text() for k in keys}
     bf = subprocess.run([str(BIN / "dagster"), "job", "backfill", "-w", str(ROOT / "workspace.yaml"), "-j",
                          "embed_shards_job", "--partitions", ",".join(keys), "--noprompt"], cwd=ROOT, env=d.env,

@@ -1,18 +1,19 @@
 import dagster as dg
 
-from embed_assets.core.items import ItemsError, load_row_groups
+from embed_assets.core.items import ItemsError, load_partitions
 from embed_assets.core.embed import embed_partition
 from embed_assets.core.atomic import atomic_write_json
 from embed_assets.core.faults import pause_point
+from embed_assets.core.metering import metered
 from embed_assets.core.shards import ShardError, summarize_norms
-from embed_assets.defs.embeddings.partitions import row_group_partitions
+from embed_assets.defs.embeddings.partitions import item_partitions
 from embed_assets.defs.items.assets import processed_items
 from embed_assets.defs.metadata import md_table, norms_metadata
 from embed_assets.resources import EncoderResource, HomeResource, QualityThresholds
 
 
 @dg.asset(
-    partitions_def=row_group_partitions,
+    partitions_def=item_partitions,
     deps=[processed_items],
     group_name="embeddings",
     kinds={"pytorch"},
@@ -21,14 +22,15 @@ from embed_assets.resources import EncoderResource, HomeResource, QualityThresho
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
 )
 def item_embeddings(context: dg.AssetExecutionContext, home: HomeResource, encoder: EncoderResource) -> dg.MaterializeResult:
-    """One shard of unit-length all-MiniLM-L6-v2 vectors (384-d, fp16) per row group of processed items:
-    `embeddings/shard_NNNNN.pt`, loadable with `torch.load(path, weights_only=True)`."""
+    """One shard of unit-length all-MiniLM-L6-v2 vectors (384-d, fp16) per partition of processed items:
+    `embeddings/shard_<partition>.pt`, loadable with `torch.load(path, weights_only=True)`."""
     pause_point("embed_start")
     key = context.partition_key
-    try:
-        out = embed_partition(home.layout, key, encoder.encoder, say=context.log.info, reuse=encoder.reuse)
-    except (ItemsError, ShardError) as e:
-        raise dg.Failure(description=str(e)) from e
+    with metered() as usage:
+        try:
+            out = embed_partition(home.layout, key, encoder.encoder, say=context.log.info, reuse=encoder.reuse)
+        except (ItemsError, ShardError) as e:
+            raise dg.Failure(description=str(e)) from e
     m, s = out.manifest, out.stats
     return dg.MaterializeResult(
         metadata={
@@ -42,7 +44,7 @@ def item_embeddings(context: dg.AssetExecutionContext, home: HomeResource, encod
             "items_per_s": round(s.items_per_s, 2),
             "tokens_per_s": round(s.tokens_per_s, 1),
             "encode_seconds": round(s.seconds, 3),
-            "seconds": round(out.seconds, 3),
+            **usage.as_metadata(),
             "padding_overhead": round(s.n_padded_tokens / s.n_tokens - 1, 4) if s.n_tokens else 0.0,
             "model_id": m.model_id,
             "model_revision": m.model_revision,
@@ -69,11 +71,12 @@ def embedding_norms(context: dg.AssetExecutionContext, home: HomeResource,
     """Norm statistics over every current shard (mean, std, min, max, fraction outside the tolerance), with one
     row per shard: the seed notebook's sanity cell, kept as a report."""
     layout = home.layout
-    try:
-        keys = [rg["partition"] for rg in load_row_groups(layout)]
-        summary = summarize_norms(layout, keys, thresholds.norm_tolerance)
-    except (ItemsError, ShardError) as e:
-        raise dg.Failure(description=str(e)) from e
+    with metered() as usage:
+        try:
+            keys = [p["partition"] for p in load_partitions(layout)]
+            summary = summarize_norms(layout, keys, thresholds.norm_tolerance)
+        except (ItemsError, ShardError) as e:
+            raise dg.Failure(description=str(e)) from e
     atomic_write_json(layout.norms_json, summary)
     o = summary["overall"]
     context.log.info(f"norms over {o['n_vectors']:,} vectors: mean {o['mean']:.6f}, std {o['std']:.2e}, "
@@ -84,6 +87,7 @@ def embedding_norms(context: dg.AssetExecutionContext, home: HomeResource,
             "n_shards": len(summary["shards"]),
             **norms_metadata({k: o[k] for k in ("mean", "std", "min", "max", "frac_outside_tol")}),
             "tolerance": o["tolerance"],
+            **usage.as_metadata(),
             "shards": md_table(["partition", "rows", "mean", "std", "min", "max", "outside tol"],
                                [(s["partition"], s["rows"], s["mean"], s["std"], s["min"], s["max"],
                                  s["frac_outside_tol"]) for s in summary["shards"][:100]]),

@@ -3,11 +3,10 @@ import warnings
 
 import dagster as dg
 
-from embed_assets.core.items import ItemsError, load_row_groups, read_row_group
-from embed_assets.core.layout import row_group_of
+from embed_assets.core.items import ItemsError, load_partitions, read_partition
 from embed_assets.core.shards import ShardError, load_verified, load_verified_items, read_manifest, validate_shard
 from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
-from embed_assets.defs.embeddings.partitions import row_group_partitions
+from embed_assets.defs.embeddings.partitions import item_partitions
 from embed_assets.resources import HomeResource, QualityThresholds
 
 
@@ -22,7 +21,7 @@ def items_mismatch(group_ids: list[str], group_hashes: list[str], shard_ids: lis
     if shard_ids != sidecar_ids:
         problems.append("the shard's .pt and its items sidecar list different item ids; re-materialize it")
     if len(shard_ids) == len(group_ids) and shard_ids != group_ids:
-        problems.append("the shard's item ids are not its row group's items (in order); re-materialize it")
+        problems.append("the shard's item ids are not its partition's items (in order); re-materialize it")
     elif sidecar_ids == group_ids and sidecar_hashes != group_hashes:
         changed = [i for i, a, b in zip(group_ids, group_hashes, sidecar_hashes) if a != b]
         problems.append(f"{len(changed)} items were encoded from other text than processed_items now holds "
@@ -30,11 +29,11 @@ def items_mismatch(group_ids: list[str], group_hashes: list[str], shard_ids: lis
     return problems
 
 
-@dg.asset_check(asset=item_embeddings, partitions_def=row_group_partitions, blocking=True)
+@dg.asset_check(asset=item_embeddings, partitions_def=item_partitions, blocking=True)
 def shard_norm_check(context: dg.AssetCheckExecutionContext, home: HomeResource,
                      thresholds: QualityThresholds) -> dg.AssetCheckResult:
     """Every vector of the shard has unit norm (within the tolerance, 5e-3 by default), 384 finite dims, ids are
-    unique, and the shard holds exactly the row group's items: the same ids in the same order, each with the text hash
+    unique, and the shard holds exactly the partition's items: the same ids in the same order, each with the text hash
     of the text it was encoded from (so an edited item whose shard was not rewritten fails). Blocking: a failing shard never reaches the index."""
     layout = home.layout
     key = context.partition_key
@@ -43,9 +42,9 @@ def shard_norm_check(context: dg.AssetCheckExecutionContext, home: HomeResource,
         if m is None:
             raise ShardError(f"partition {key} has no shard manifest; re-materialize it")
         ids, emb = load_verified(layout, m)
-        if key not in {rg["partition"] for rg in load_row_groups(layout)}:
-            raise ShardError(f"partition {key} is not a row group of processed_items any more")
-        group = read_row_group(layout.items_parquet, row_group_of(key), ("item_id", "text_hash"))
+        if key not in {p["partition"] for p in load_partitions(layout)}:
+            raise ShardError(f"partition {key} is not a partition of processed_items any more")
+        group = read_partition(layout, key, ("item_id", "text_hash"))
         sidecar = load_verified_items(layout, m)
     except (ShardError, ItemsError) as e:
         return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,

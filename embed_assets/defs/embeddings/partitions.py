@@ -1,5 +1,5 @@
 import dagster as dg
 
-# One partition per row group of processed_items (rg_00000, rg_00001, ...). processed_items adds new keys and
-# deletes keys whose row group no longer exists.
-row_group_partitions = dg.DynamicPartitionsDefinition(name="row_groups")
+# One partition per stable partition of processed_items: a hash prefix of the item id, keyed `p` + its bits (p0110).
+# processed_items adds new keys (a new range, or the children of a split) and deletes keys that no longer hold items.
+item_partitions = dg.DynamicPartitionsDefinition(name="item_partitions")

@@ -7,7 +7,7 @@ import dagster as dg
 
 from embed_assets.core.changes import PastRun, Work, fingerprint_files, next_attempt, plan
 from embed_assets.core.items import ItemsError, items_config
-from embed_assets.defs.embeddings.partitions import row_group_partitions
+from embed_assets.defs.embeddings.partitions import item_partitions
 from embed_assets.defs.jobs import JOB_ASSETS, embed_shards_job, index_and_report_job, process_items_job
 from embed_assets.resources import EncoderResource, HomeResource, ItemSource
 
@@ -136,14 +136,14 @@ def raw_items_sensor(context: dg.SensorEvaluationContext, home: HomeResource, it
     if busy.items:
         return dg.SkipReason(f"processed_items is being materialized by run {busy.items[:8]}; waiting for it")
     cursor = json.loads(context.cursor) if context.cursor else {}
-    config = items_config(items.id_field, items.text_fields, items.title_field, items.row_group_size, items.limits)
+    config = items_config(items.id_field, items.text_fields, items.title_field, items.partition_size, items.limits)
     try:
         files, source_fp = fingerprint_files(items.paths, config, cursor.get("files"))
     except ItemsError as e:
         return dg.SkipReason(str(e))
     if files != cursor.get("files"):
         context.update_cursor(json.dumps({"files": files}))
-    registered = set(context.instance.get_dynamic_partitions(row_group_partitions.name))
+    registered = set(context.instance.get_dynamic_partitions(item_partitions.name))
     p = plan(home.layout, source_fp, encoder.encoder.version, registered)
     notes: list[str] = []
 

@@ -1,0 +1,131 @@
+"""The whole pipeline at catalog scale, with the STAND-IN encoder (deterministic vectors from text bytes; see
+embed_assets/testing.py): what the platform itself costs at 1M and 10M items, and what a small change costs.
+
+    python benchmarks/scale.py --items 1000000 [--items 10000000] [--partition-size 200000]
+                               [--memory-budget-mb 2048] [--json benchmarks/results/scale.json]
+
+Rows are built from the Myntra catalog (../shared/data/myntra) with unique ids and a unique suffix on every text, five
+fields. For each size: a full run (every step's seconds and peak RSS from its materialization metadata), then
+  - a 1% change (half of it edits of existing items, half new items),
+  - deleting one item,
+  - adding one item,
+each followed by a whole run, with the partitions written and seconds. The real model is not used: it encodes a few
+hundred texts a second on two cores (benchmarks/encode.py measures it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MYNTRA = Path(os.environ.get("EMBED_ASSETS_MYNTRA_CSV", HERE.parent.parent / "shared" / "data" / "myntra" / "myntra_products_catalog.csv"))
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except Exception:
+        return platform.processor() or "unknown"
+
+
+def base_rows() -> list[dict]:
+    with open(MYNTRA, newline="", encoding="utf-8") as fh:
+        return [{"name": r["ProductName"], "brand": r["ProductBrand"], "description": r["Description"],
+                 "color": r["PrimaryColor"], "gender": r["Gender"], "pid": r["ProductID"]}
+                for r in csv.DictReader(fh)]
+
+
+def write_catalog(path: Path, n: int, base: list[dict], edits: dict[int, str] | None = None,
+                  skip: set[int] | None = None, extra: int = 0) -> None:
+    edits, skip = edits or {}, skip or set()
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n + extra):
+            if i in skip:
+                continue
+            r = base[i % len(base)]
+            desc = edits.get(i, r["description"])
+            fh.write(json.dumps({"id": f"{r['pid']}-{i}", "name": f"{r['name']} #{i}", "brand": r["brand"],
+                                 "description": f"{desc} (item {i})", "color": r["color"], "gender": r["gender"]},
+                                ensure_ascii=False) + "\n")
+
+
+def run(settings, label: str) -> dict:
+    from embed_assets.cli import run_pipeline
+    from embed_assets.testing import standin_encoder_resource
+
+    t0 = time.perf_counter()
+    code, summary = run_pipeline(settings, log=lambda *_: None, encoder_resource=standin_encoder_resource())
+    wall = time.perf_counter() - t0
+    if code != 0:
+        raise SystemExit(f"{label}: run failed: {summary.get('failures')} {summary.get('checks')[:3]}")
+    steps = summary["steps"]
+    out = {"label": label, "wall_s": round(wall, 1), "n_items": summary["n_items"],
+           "n_encoded": summary["n_encoded"], "n_reused": summary["n_reused"],
+           "partitions_written": summary["n_partitions_written"], "n_partitions": summary["n_partitions"],
+           "items_partitions_written": steps["processed_items"]["n_partitions_written"],
+           "steps": steps}
+    print(json.dumps({k: v for k, v in out.items() if k != "steps"}), flush=True)
+    for name, st in steps.items():
+        print(f"    {name:<18} {st.get('seconds', 0):>8.1f} s   peak RSS {st.get('peak_rss_mb', 0):>8,.0f} MB", flush=True)
+    return out
+
+
+def bench(n: int, partition_size: int, budget: int, work: Path) -> dict:
+    from embed_assets.settings import Settings
+
+    base = base_rows()
+    raw = work / f"items_{n}.jsonl"
+    write_catalog(raw, n, base)
+    s = Settings(home=str(work / f"home_{n}"), items=[str(raw)], id_field="id", text_fields=["name", "description"],
+                 partition_size=partition_size)
+    s.memory_budget_mb = budget
+    s.min_recall_at_100 = 0.0
+    res = {"n": n, "raw_bytes": raw.stat().st_size, "full": run(s, f"{n:,} full run")}
+
+    rng = random.Random(0)
+    k = max(2, n // 100)
+    edits = {i: f"edited description {i}" for i in rng.sample(range(n), k // 2)}
+    write_catalog(raw, n, base, edits=edits, extra=k // 2)
+    res["change_1pct"] = run(s, "1% change (half edits, half new)")
+    n2 = n + k // 2
+    write_catalog(raw, n2, base, edits=edits, skip={n2 // 2})
+    res["delete_one"] = run(s, "delete one item")
+    write_catalog(raw, n2 + 1, base, edits=edits, skip={n2 // 2})
+    res["add_one"] = run(s, "add one item")
+    raw.unlink()
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--items", type=int, action="append", required=True)
+    p.add_argument("--partition-size", type=int, default=200_000)
+    p.add_argument("--memory-budget-mb", type=int, default=2048)
+    p.add_argument("--workdir")
+    p.add_argument("--json")
+    a = p.parse_args()
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="embed_scale_"))
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]), "cpu": cpu_model(),
+               "encoder": "STAND-IN (embed_assets.testing.StandInEncoder), not the model", "runs": []}
+    print(f"cpu: {results['cpu']}", flush=True)
+    for n in a.items:
+        results["runs"].append(bench(n, a.partition_size, a.memory_budget_mb, work))
+        if a.json:
+            Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Seconds and peak memory of one step, for run summaries and materialization metadata.
+
+Peak RSS is the process's high-water mark (VmHWM). A step resets it when it starts (Linux: `/proc/self/clear_refs`),
+so in a process that runs several steps (the CLI, in-process runs) each step reports its own peak, not the largest
+so far. Where the reset is not possible the figure is the process's peak so far, and says so.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+@dataclass
+class Usage:
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    peak_is_per_step: bool = True
+
+    def as_metadata(self) -> dict[str, float]:
+        return {"seconds": round(self.seconds, 3), "peak_rss_mb": round(self.peak_rss_mb, 1)}
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def metered():
+    """`with metered() as u: ...` then u.seconds and u.peak_rss_mb."""
+    u = Usage(peak_is_per_step=_reset_peak())
+    t0 = time.perf_counter()
+    try:
+        yield u
+    finally:
+        u.seconds = time.perf_counter() - t0
+        u.peak_rss_mb = peak_rss_mb()
