@@ -1,9 +1,9 @@
 """Embedding shards on disk, in the seed notebook's format, plus the manifest that makes a shard trusted.
 
 A shard is three files, written in this order, each atomically:
-  shard_NNNNN.pt             {"item_id": list[str], "embeddings": float16 tensor n x dim}  (torch.load(weights_only=True))
-  shard_NNNNN.items.parquet  item_id, row, text_hash      (what the catalog ingests, and item-level re-use reads)
-  shard_NNNNN.manifest.json  partition, fingerprint, version, rows, norm stats, sha256 of both files above
+  shard_<partition>.pt       {"item_id": list[str], "embeddings": float16 tensor n x dim}  (torch.load(weights_only=True))
+  shard_<partition>.items.parquet item_id, row, text_hash      (what the catalog ingests, and item-level re-use reads)
+  shard_<partition>.manifest.json partition, fingerprint, version, rows, norm stats, sha256 of both files above
 The manifest comes last: a shard without a manifest, or whose checksums disagree with it, is never trusted.
 """
 
@@ -37,8 +37,8 @@ class ShardError(RuntimeError):
 @dataclass
 class ShardManifest:
     partition: str
-    fingerprint: str  # row-group content + embedding version: equal fingerprint => identical shard
-    rows_fingerprint: str  # row-group content only
+    fingerprint: str  # partition content + embedding version: equal fingerprint => identical shard
+    rows_fingerprint: str  # partition content only
     n_rows: int
     dim: int
     dtype: str
