@@ -25,7 +25,7 @@ from embed_assets.core.atomic import sha256_file
 from embed_assets.core.index import IndexBuildError, read_index_manifest
 from embed_assets.core.items import ItemsError, discover_files, load_processed, source_fingerprint
 from embed_assets.core.layout import Layout
-from embed_assets.core.shards import ShardError, embedding_fingerprint, read_manifest, verify_files
+from embed_assets.core.shards import ShardError, cached_sha256, embedding_fingerprint, read_manifest, verify_files
 
 MAX_ATTEMPTS = 3  # consecutive failures of one wanted state, then the sensor stops asking for it
 MAX_REDO = 3  # successful runs of one wanted state within REDO_WINDOW_S that did not leave it current, then stop
@@ -142,7 +142,7 @@ def shard_work(layout: Layout, groups: Sequence[dict[str, Any]], version: dict[s
             if m.fingerprint != want:
                 why = "out of date (other rows or another embedding version)"
             else:
-                why = "; ".join(verify_files(layout, m, _cached_sha256))
+                why = "; ".join(verify_files(layout, m, cached_sha256))
         if why:
             out.append(Work("shard", f"{key}-{want}", why, key))
     return out
@@ -172,35 +172,8 @@ def index_work(layout: Layout, groups: Sequence[dict[str, Any]]) -> Work | None:
     problems = [f"{path.name} is missing or does not match the index manifest"
                 for path, sha in ((layout.index_file, built.get("index_sha256")),
                                   (layout.index_ids, built.get("ids_sha256")))
-                if _cached_sha256(path) != sha]
+                if cached_sha256(path) != sha]
     return Work("index", key, "; ".join(problems)) if problems else None
-
-
-_HASHES: dict[str, tuple[tuple, str]] = {}
-
-
-def _cached_sha256(path: Path) -> str:
-    """sha256 cached by (size, mtime, ctime, inode), the latest per path: a sensor tick re-hashes only files written
-    since the last tick, so a corrupted shard is still noticed without hashing every shard on every tick."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return ""  # removed: not intact
-    stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    hit = _HASHES.get(str(path))
-    if hit and hit[0] == stamp:
-        return hit[1]
-    try:
-        sha = sha256_file(path)
-        after = path.stat()
-    except FileNotFoundError:
-        return ""
-    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino) == stamp and \
-            time.time() - st.st_mtime > RACY_S:
-        _HASHES[str(path)] = (stamp, sha)
-    else:
-        _HASHES.pop(str(path), None)
-    return sha
 
 
 # --------------------------------------------------------------------------------------------------- attempts

@@ -733,7 +733,7 @@ def _partition(con, spill_dir: Path, out_dir: Path, previous: dict[str, Any] | N
         key = leaf.key
         dest = out_dir / f"{key}.parquet"
         old = prev_parts.get(key)
-        if old and old.get("fingerprint") == fp and dest.exists() and _stamp(dest) == old.get("stamp"):
+        if old and old.get("fingerprint") == fp and dest.exists() and file_stamp(dest) == old.get("stamp"):
             partitions.append({**old, "n_rows": n})
             con.execute("DROP TABLE part")
             continue
@@ -749,7 +749,7 @@ def _partition(con, spill_dir: Path, out_dir: Path, previous: dict[str, Any] | N
         con.execute("DROP TABLE part")
         written.append(key)
         partitions.append({"partition": key, "depth": leaf.depth, "prefix": leaf.prefix, "n_rows": n,
-                           "fingerprint": fp, "file": dest.name, "stamp": _stamp(dest)})
+                           "fingerprint": fp, "file": dest.name, "stamp": file_stamp(dest)})
     keys = {p["partition"] for p in partitions}
     removed = sorted(set(prev_parts) - keys)
     return IngestResult(partitions=partitions, leaves=[lf.key for lf in leaves], n_items=n_items, n_rows_read=0,
@@ -757,6 +757,7 @@ def _partition(con, spill_dir: Path, out_dir: Path, previous: dict[str, Any] | N
                         splits=splits, written=written, removed=removed)
 
 
-def _stamp(path: Path) -> dict[str, int]:
+def file_stamp(path: Path) -> dict[str, int]:
+    """What identifies a written partition file: a rewrite or a replacement changes it."""
     st = path.stat()
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}

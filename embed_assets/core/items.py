@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from embed_assets.core.atomic import atomic_write_json
 from embed_assets.core.ingest import (SUPPORTED_SUFFIXES, IngestResult, ItemsError, Limits, Reject,  # noqa: F401
-                                      discover_files, ingest, suffix_of)
+                                      discover_files, file_stamp, ingest, suffix_of)
 
 DEFAULT_PARTITION_ROWS = 200_000
 DEFAULT_MEMORY_BUDGET_MB = 2_048
@@ -55,11 +55,6 @@ def row_group_fingerprint(item_ids: Sequence[str], hashes: Sequence[str]) -> str
         h.update(t.encode("ascii"))
         h.update(b"\x1e")
     return h.hexdigest()[:32]
-
-
-def _stamp(path: Path) -> dict[str, int]:
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
 
 def _previous_state(layout) -> dict[str, Any] | None:
@@ -115,7 +110,7 @@ def load_processed(layout) -> dict[str, Any]:
         raise ItemsError(f"{layout.partitions_json}: not a partition state file; re-materialize processed_items")
     for p in data["partitions"]:
         try:
-            stamp = _stamp(layout.partition_file(p["partition"]))
+            stamp = file_stamp(layout.partition_file(p["partition"]))
         except FileNotFoundError:
             stamp = None
         if stamp != p.get("stamp"):

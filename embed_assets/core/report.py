@@ -20,12 +20,13 @@ from embed_assets.core.metrics import ann_recall_at_k, drop_self, evaluate_run, 
 def _titles(layout: Layout, item_ids: list[str]) -> dict[str, str]:
     """Titles of a few items, read from the partition files (only their title column, only the rows asked for)."""
     import duckdb
+    import pyarrow as pa
 
     if not item_ids or not layout.partitions_dir.exists():
         return {}
     con = duckdb.connect()
     try:
-        con.register("wanted", __import__("pyarrow").table({"item_id": list(item_ids)}))
+        con.register("wanted", pa.table({"item_id": list(item_ids)}))
         rows = con.execute(f"""SELECT p.item_id, p.title
                                FROM read_parquet('{layout.partitions_dir}/*.parquet') p JOIN wanted USING (item_id)""")
         return dict(rows.fetchall())

@@ -371,6 +371,21 @@ def validate_shard(ids: Sequence[str], emb: np.ndarray, expected_rows: int, dim:
     return problems, stats
 
 
+def items_mismatch(group_ids: list[str], group_hashes: list[str], shard_ids: list[str], sidecar_ids: list[str],
+                   sidecar_hashes: list[str]) -> list[str]:
+    """The shard is exactly its partition: same ids, same order, same text hashes."""
+    problems = []
+    if shard_ids != sidecar_ids:
+        problems.append("the shard's .pt and its items sidecar list different item ids; re-materialize it")
+    if len(shard_ids) == len(group_ids) and shard_ids != group_ids:
+        problems.append("the shard's item ids are not its partition's items (in order); re-materialize it")
+    elif sidecar_ids == group_ids and sidecar_hashes != group_hashes:
+        changed = [i for i, a, b in zip(group_ids, group_hashes, sidecar_hashes) if a != b]
+        problems.append(f"{len(changed)} items were encoded from other text than processed_items now holds "
+                        f"(e.g. {changed[:3]}); re-materialize it")
+    return problems
+
+
 @contextmanager
 def partition_lock(layout: Layout, key: str, blocking: bool = True):
     """An exclusive per-partition lock (flock): two writers of one partition never interleave their files, and

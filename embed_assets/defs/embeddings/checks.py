@@ -4,7 +4,8 @@ import warnings
 import dagster as dg
 
 from embed_assets.core.items import ItemsError, load_partitions, read_partition
-from embed_assets.core.shards import ShardError, load_verified, load_verified_items, read_manifest, validate_shard
+from embed_assets.core.shards import (ShardError, items_mismatch, load_verified, load_verified_items, read_manifest,
+                                      validate_shard)
 from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
 from embed_assets.defs.embeddings.partitions import item_partitions
 from embed_assets.resources import HomeResource, QualityThresholds
@@ -12,21 +13,6 @@ from embed_assets.resources import HomeResource, QualityThresholds
 
 # Partitioned asset checks are a preview feature of dagster 1.13 (hence the pin); we rely on it knowingly.
 warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*", category=dg.PreviewWarning)
-
-
-def items_mismatch(group_ids: list[str], group_hashes: list[str], shard_ids: list[str], sidecar_ids: list[str],
-                   sidecar_hashes: list[str]) -> list[str]:
-    """The shard is exactly its row group: same ids, same order, same text hashes (TODO(lead): move to core)."""
-    problems = []
-    if shard_ids != sidecar_ids:
-        problems.append("the shard's .pt and its items sidecar list different item ids; re-materialize it")
-    if len(shard_ids) == len(group_ids) and shard_ids != group_ids:
-        problems.append("the shard's item ids are not its partition's items (in order); re-materialize it")
-    elif sidecar_ids == group_ids and sidecar_hashes != group_hashes:
-        changed = [i for i, a, b in zip(group_ids, group_hashes, sidecar_hashes) if a != b]
-        problems.append(f"{len(changed)} items were encoded from other text than processed_items now holds "
-                        f"(e.g. {changed[:3]}); re-materialize it")
-    return problems
 
 
 @dg.asset_check(asset=item_embeddings, partitions_def=item_partitions, blocking=True)
