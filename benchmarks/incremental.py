@@ -34,13 +34,17 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--csv", default=str(DEFAULT_CSV))
     p.add_argument("--change", type=float, default=0.01)
-    p.add_argument("--row-group-size", "--partition-size", dest="row_group_size", type=int, default=200_000)
+    p.add_argument("--row-group-size", "--partition-size", dest="row_group_size", type=int, default=None,
+                   help="items per partition (default: the product's default, settings.DEFAULT_PARTITION_SIZE)")
     p.add_argument("--scale", type=int, default=1)
     p.add_argument("--json")
     a = p.parse_args()
 
     from embed_assets.cli import run_pipeline
-    from embed_assets.settings import Settings
+    from embed_assets.core.encoder import cpu_info
+    from embed_assets.settings import DEFAULT_PARTITION_SIZE, Settings
+
+    partition_size = a.row_group_size or DEFAULT_PARTITION_SIZE
 
     with open(a.csv, newline="", encoding="utf-8") as fh:
         rows = [{"id": r["ProductID"], "name": r["ProductName"], "description": r["Description"]}
@@ -54,7 +58,7 @@ def main() -> int:
     base, new = rows[: len(rows) - n_change // 2], rows[len(rows) - n_change // 2:]
     write_items(items, base)
     s = Settings(home=str(tmp / "home"), items=[str(items)], id_field="id", text_fields=["name", "description"],
-                 partition_size=a.row_group_size)
+                 partition_size=partition_size)
     quiet = lambda *_: None  # noqa: E731
 
     t0 = time.perf_counter()
@@ -72,12 +76,21 @@ def main() -> int:
 
     res = {"items_first": len(base), "items_second": len(changed) + len(new), "changed_or_new": n_change,
            "full_s": t_full, "incremental_s": t_incr, "ratio": t_incr / t_full,
-           "first": {k: s1.get(k) for k in ("n_encoded", "n_reused", "ok")},
-           "second": {k: s2.get(k) for k in ("n_encoded", "n_reused", "ok")}}
+           "cpu": cpu_info(), "partition_size": partition_size}
+    for name, summ in (("first", s1), ("second", s2)):
+        res[name] = {k: summ.get(k) for k in ("n_encoded", "n_reused", "ok", "precision", "n_partitions",
+                                               "n_partitions_written", "n_partitions_skipped")}
+        res[name]["steps"] = summ.get("steps")
+    print(f"cpu             {res['cpu']['model']} (bf16 flags: {', '.join(res['cpu']['bf16_flags']) or 'none'}), "
+          f"precision {s1.get('precision')}, partition size {partition_size:,}")
     print(f"full run        {res['items_first']:,} items  {t_full:8.1f} s  encoded {s1.get('n_encoded'):,}")
     print(f"after {a.change:.0%} change {res['items_second']:,} items  {t_incr:8.1f} s  encoded "
           f"{s2.get('n_encoded'):,}, re-used {s2.get('n_reused'):,}")
     print(f"ratio           {res['ratio']:.2%} of the full run")
+    for name in ("first", "second"):
+        print(f"{name} run: {res[name]['n_partitions_written']} of {res[name]['n_partitions']} partitions written")
+        for step, st in (res[name]["steps"] or {}).items():
+            print(f"    {step:<18} {st.get('seconds', 0):>8.1f} s   peak RSS {st.get('peak_rss_mb', 0):>8,.0f} MB")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
     return 0 if code1 == 0 and code2 == 0 else 1
