@@ -3,6 +3,7 @@
     embed-assets run --home DIR [--items PATH ...] [--id-field F] [--text-fields A,B] [--queries P --qrels P]
     embed-assets encode --input FILE.jsonl --text-field F --output OUT.npy
     embed-assets verify --home DIR [--repair]
+    embed-assets export --format grid|lcrec|parquet --out DIR [--home DIR]
 """
 
 from __future__ import annotations
@@ -131,12 +132,21 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
     if summary["failures"] or not all(c["passed"] for c in summary["checks"]):
         return _finish(layout, summary, t0, log)
 
-    log("[3/3] embedding_norms, faiss_index, retrieval_report")
+    nodes = ["embedding_norms", "faiss_index", "retrieval_report"] + (["semantic_ids"] if settings.semantic_ids else [])
+    log(f"[3/3] {', '.join(nodes)}")
+    import dagster as dg
+
     res = defs.resolve_job_def("index_and_report_job").execute_in_process(
-        instance=instance, raise_on_error=False, run_config=RUN_CONFIG)
+        instance=instance, raise_on_error=False, run_config=RUN_CONFIG,
+        asset_selection=[dg.AssetKey(n) for n in nodes])
     summary["failures"] += _failures(res)
     summary["checks"] += _checks(res)
-    for node in ("embedding_norms", "faiss_index", "retrieval_report"):
+    sid = _meta(res, "semantic_ids")
+    if sid:
+        summary["semantic_ids"] = {k: sid[0][k] for k in (
+            "action", "reason", "version", "n_items", "codebook_size", "max_collision_group", "unique_full_ids",
+            "duplicate_vector_rate", "reconstruction_cosine") if k in sid[0]}
+    for node in nodes:
         for m in _meta(res, node):
             summary["steps"][node] = {k: m[k] for k in ("seconds", "peak_rss_mb") if k in m}
     report = _meta(res, "retrieval_report")
@@ -235,6 +245,11 @@ def _finish(layout, summary: dict[str, Any], t0: float, log) -> tuple[int, dict[
         cpu = summary.get("cpu") or {}
         log(f"  {_precision_line(summary)}")
         log(f"  cpu: {cpu.get('model', '?')} (bf16 flags: {', '.join(cpu.get('bf16_flags') or []) or 'none'})")
+    if summary.get("semantic_ids"):
+        sid = summary["semantic_ids"]
+        log(f"  semantic IDs       {sid.get('version')} ({sid.get('action')}): {sid.get('n_items', 0):,} items, "
+            f"K={sid.get('codebook_size')}, largest colliding group {sid.get('max_collision_group')}, "
+            f"unique {sid.get('unique_full_ids')}; report in {layout.reports_dir / 'semantic_ids.md'}")
     if summary.get("vs_published"):
         log("")
         log(f"  SciFact test vs the published table ({SAMPLE_PUBLISHED_SOURCE}):")
@@ -269,6 +284,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         if getattr(a, k) is not None:
             setattr(s, k, getattr(a, k))
     s.chunking, s.device, s.index_kind, s.precision = a.chunking, a.device, a.index_kind, a.precision
+    if a.no_semantic_ids:
+        s.semantic_ids = False
     if bool(s.queries) != bool(s.qrels):
         print("error: --queries and --qrels go together", file=sys.stderr)
         return 2
@@ -314,6 +331,36 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0 if r["ok"] else 1
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    """The live semantic IDs with their vectors, in a trainer's format (core/sid_export.py)."""
+    from embed_assets.core.layout import Layout
+    from embed_assets.core.semantic_ids import SemanticIdError, load_version, shards_from_layout, sid_root
+    from embed_assets.core.shards import ShardError, read_manifest
+    from embed_assets.core.sid_export import ExportError, export
+
+    layout = Layout.at(a.home)
+    try:
+        version = load_version(sid_root(layout.home))
+        if version is None:
+            print(f"error: no semantic IDs under {sid_root(layout.home)}; run `embed-assets run --home {a.home}` "
+                  "(or materialize semantic_ids) first", file=sys.stderr)
+            return 2
+        manifests = [read_manifest(layout, key) for key in sorted(version.manifest["input_shards"])]
+        missing = [key for key, m in zip(sorted(version.manifest["input_shards"]), manifests)
+                   if m is None or m.fingerprint != version.manifest["input_shards"][key]]
+        if missing:
+            print(f"error: the shards of partition(s) {', '.join(missing[:5])} changed since semantic IDs "
+                  f"{version.name} were built; materialize semantic_ids again, then export", file=sys.stderr)
+            return 2
+        out = export(version, shards_from_layout(layout, manifests), a.format, a.out, name=a.name,
+                     log=lambda m: print(m, file=sys.stderr))
+    except (SemanticIdError, ShardError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="embed-assets", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -339,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                         "on a CPU with native bf16 if a probe finds its vectors within cosine 0.9999 (mean) / 0.999 "
                         "(min) of fp32, else fp32 ($EMBED_ASSETS_PRECISION_PROBE=off skips the probe)")
     r.add_argument("--chunking", action="store_true", help="encode long texts in overlapping windows")
+    r.add_argument("--no-semantic-ids", action="store_true",
+                   help="leave the semantic_ids asset out (e.g. a catalog under ~80 distinct items, too small to "
+                        "train a codebook); also $EMBED_ASSETS_SEMANTIC_IDS=0")
     r.set_defaults(fn=cmd_run)
     e = sub.add_parser("encode", help="encode a JSONL file to a float16 .npy (rows in input order)")
     e.add_argument("--input", required=True)
@@ -355,6 +405,14 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--repair", action="store_true",
                    help="remove temp files, orphans and untrusted shards; resync the catalog")
     v.set_defaults(fn=cmd_verify)
+    x = sub.add_parser("export", help="the live semantic IDs and their vectors for a generative-recommender trainer")
+    x.add_argument("--home", default=home_from_env())
+    x.add_argument("--format", required=True, choices=["grid", "lcrec", "parquet"],
+                   help="grid: torch .pt tensors + id map (snap-research/GRID); lcrec: .npy + .index.json "
+                        "(LC-Rec, MiniOneRec); parquet: item_id, sid, codes, embedding")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--name", default="items", help="file name stem (lcrec, parquet)")
+    x.set_defaults(fn=cmd_export)
     a = p.parse_args(argv)
     return a.fn(a)
 

@@ -14,11 +14,15 @@ from embed_assets.defs.index.assets import faiss_index
 from embed_assets.defs.items.assets import processed_items
 from embed_assets.defs.items.sensors import raw_items_sensor
 from embed_assets.defs.jobs import JOBS
-from embed_assets.resources import EncoderResource, EvalSettings, HomeResource, ItemSource, QualityThresholds
+from embed_assets.defs.semantic_ids.assets import semantic_ids
+from embed_assets.defs.semantic_ids.checks import codebook_utilization, extra_digit_capacity, unique_semantic_ids
+from embed_assets.resources import (EncoderResource, EvalSettings, HomeResource, ItemSource, QualityThresholds,
+                                    SemanticIdSettings)
 from embed_assets.settings import Settings
 
-ASSETS = [processed_items, item_embeddings, embedding_norms, faiss_index, retrieval_report]
-CHECKS = [shard_norm_check, all_norms_within_tolerance, retrieval_quality_check]
+ASSETS = [processed_items, item_embeddings, embedding_norms, faiss_index, retrieval_report, semantic_ids]
+CHECKS = [shard_norm_check, all_norms_within_tolerance, retrieval_quality_check, unique_semantic_ids,
+          extra_digit_capacity, codebook_utilization]
 
 
 def build_resources(s: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -34,6 +38,8 @@ def build_resources(s: Settings) -> dict[str, dg.ConfigurableResource]:
         "encoder": EncoderResource(chunking=s.chunking, device=s.device, precision=s.precision),
         "retrieval": EvalSettings(queries_path=s.queries, qrels_path=s.qrels, index_kind=s.index_kind),
         "thresholds": QualityThresholds(**thresholds),
+        "sids": SemanticIdSettings(enabled=s.semantic_ids, quantizer=s.sid_quantizer, levels=s.sid_levels,
+                                   codebook_size=s.sid_codebook_size),
     }
 
 

@@ -55,6 +55,10 @@ class Settings:
     chunking: bool = False
     device: str = "auto"
     precision: str = "auto"
+    semantic_ids: bool = True  # off: run and sensor leave the semantic_ids asset out
+    sid_quantizer: str = "rq_kmeans"  # semantic IDs: rq_kmeans or rqvae
+    sid_levels: int = 3
+    sid_codebook_size: int = 256
 
     @classmethod
     def sample(cls, home: str) -> "Settings":
@@ -80,4 +84,10 @@ class Settings:
         s.device = env.get("EMBED_ASSETS_DEVICE", s.device)
         s.precision = env.get("EMBED_ASSETS_PRECISION", s.precision)
         s.chunking = env.get("EMBED_ASSETS_CHUNKING", "0").lower() in ("1", "true", "yes")
+        s.semantic_ids = env.get("EMBED_ASSETS_SEMANTIC_IDS", "1").lower() not in ("0", "false", "no", "off")
+        s.sid_quantizer = env.get("EMBED_ASSETS_SID_QUANTIZER", s.sid_quantizer)
+        if env.get("EMBED_ASSETS_SID_LEVELS"):
+            s.sid_levels = int(env["EMBED_ASSETS_SID_LEVELS"])
+        if env.get("EMBED_ASSETS_SID_CODEBOOK_SIZE"):
+            s.sid_codebook_size = int(env["EMBED_ASSETS_SID_CODEBOOK_SIZE"])
         return s

@@ -28,17 +28,18 @@ def _consistent(layout: Layout):
         assert sorted(i for (i,) in con.execute("SELECT item_id FROM items").fetchall()) == sorted(cat_ids)
     assert len(set(shard_ids)) == len(shard_ids)
     assert not list(layout.home.rglob(".*.tmp"))
+    assert not list(layout.processed_dir.glob(".ingest-*"))  # a killed ingest's spill folder is swept
     verify = run_cli(["verify", "--home", str(layout.home)], layout.home.parent)
     assert verify.returncode == 0, verify.stdout
     return shard_ids
 
 
-@pytest.mark.parametrize("point", ["encoding", "shard_write", "catalog_write", "index_write"])
+@pytest.mark.parametrize("point", ["ingest_spilled", "encoding", "shard_write", "catalog_write", "index_write"])
 def test_sigkill_at_each_point_then_rerun_is_consistent(tmp_path, point):
     corpus = write_jsonl(tmp_path / "raw.jsonl", sample_docs(60))
     home = tmp_path / "home"
     args = ["run", "--home", str(home), "--items", str(corpus), "--text-fields", "title", "--partition-size", "20"]
-    if point in ("shard_write", "catalog_write"):
+    if point in ("ingest_spilled", "shard_write", "catalog_write"):
         # crash while *replacing* existing shards: the first run completes, then one title changes
         assert run_cli(args, tmp_path).returncode == 0
         docs = sample_docs(60)

@@ -137,3 +137,53 @@ def test_default_path_is_faithful_and_within_the_measured_tolerance(fp32_run, tm
         got, ref, tol = auto["metrics"][k], fp32_run["metrics"][k], DEFAULT_PATH_TOL[k]
         assert abs(got - ref) <= tol + EPS, f"{where}: {k} {got:.5f} vs fp32 {ref:.5f}: more than {tol} apart"
         assert abs(got - pub) <= tol + FP32_TOL + EPS, f"{where}: {k} {got:.5f} vs published {pub:.5f}"
+
+
+@pytest.mark.slow
+def test_the_run_builds_semantic_ids_the_catalog_joins_and_the_cli_exports(fp32_run, tmp_path):
+    """`embed-assets run` materializes semantic_ids with its checks; read.duckdb joins items to their IDs; each export
+    loads with the reader its project uses (torch.load, np.load + json.load, pyarrow)."""
+    import duckdb
+    import pyarrow.parquet as pq
+    import torch
+
+    from embed_assets.core import catalog
+    from embed_assets.core.layout import Layout
+    from embed_assets_tests.conftest import run_cli
+
+    home, summary = fp32_run["home"], fp32_run["summary"]
+    sid = summary["semantic_ids"]
+    assert sid["action"] == "created" and sid["n_items"] == 5183 and sid["unique_full_ids"] is True
+    checks = {c["check"]: c["passed"] for c in summary["checks"] if c["asset"] == "semantic_ids"}
+    assert checks["unique_semantic_ids"] and checks["extra_digit_capacity"] and "codebook_utilization" in checks
+    report = json.loads((home / "reports" / "semantic_ids.json").read_text())
+    for key in ("n_items", "duplicate_vector_rate", "largest_duplicate_group", "collision_rate", "max_collision_group",
+                "codebook_utilization", "perplexity", "reconstruction_cosine", "reconstruction_mse",
+                "neighbour_share_first_code", "neighbour_share_first_two_codes", "recommendations"):
+        assert key in report, key
+    assert len(report["collision_rate"]) == len(report["codebook_utilization"]) == 3
+    live = pq.read_table(home / "semantic_ids" / "current" / "semantic_ids.parquet")
+    by_id = dict(zip(live.column("item_id").to_pylist(), live.column("sid").to_pylist()))
+
+    with duckdb.connect(str(catalog.reader_db(Layout.at(home))), read_only=True) as con:
+        n, n_sid, sample = con.execute("SELECT count(*), count(DISTINCT sid), any_value(item_id || ' ' || sid) "
+                                       "FROM item_semantic_ids").fetchone()
+    assert (n, n_sid) == (5183, 5183)
+    item, s = sample.split(" ")
+    assert by_id[item] == s
+
+    for fmt in ("grid", "lcrec", "parquet"):
+        out = run_cli(["export", "--home", str(home), "--format", fmt, "--out", str(tmp_path / fmt)], tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+    emb = torch.load(tmp_path / "grid" / "embeddings.pt")
+    ids = json.loads((tmp_path / "grid" / "item_ids.json").read_text())
+    assert emb.shape == (5183, 384) and emb.dtype == torch.float32 and sorted(ids) == sorted(by_id)
+    codes = torch.load(tmp_path / "grid" / "semantic_ids.pt")
+    assert codes.shape == (5183, 4)
+    npy = next((tmp_path / "lcrec").glob("*.npy"))
+    index = json.loads(next((tmp_path / "lcrec").glob("*.index.json")).read_text())
+    assert np.load(npy).shape == (5183, 384) and "".join(index["0"]) == by_id[ids[0]]
+    table = pq.read_table(next((tmp_path / "parquet").glob("*.parquet")))
+    assert table.num_rows == 5183 and {"item_id", "sid", "codes", "embedding"} <= set(table.column_names)
+    assert table.column("item_id").to_pylist() == ids  # every format in the shards' row order
+    assert np.array_equal(np.array(table.column("embedding")[0].as_py(), np.float32), emb[0].numpy())

@@ -63,20 +63,36 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def abandoned_temp_file(tmp: Path, max_age_s: float = 24 * 3600) -> bool:
-    """A temp file whose writer is gone (its pid, part of the name, no longer runs) or that is older than a day."""
+def _writer_gone(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
+def _older_than(path: Path, max_age_s: float) -> bool:
     import time
 
-    parts = tmp.name.split(".")
-    pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
-    if pid is not None:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
     try:
-        return time.time() - tmp.stat().st_mtime > max_age_s
+        return time.time() - path.stat().st_mtime > max_age_s
     except FileNotFoundError:
         return False
+
+
+def abandoned_temp_file(tmp: Path, max_age_s: float = 24 * 3600) -> bool:
+    """A temp file whose writer is gone (its pid, part of the name, no longer runs) or that is older than a day."""
+    parts = tmp.name.split(".")
+    pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+    return _writer_gone(pid) or _older_than(tmp, max_age_s)
+
+
+def abandoned_work_dir(work: Path, max_age_s: float = 24 * 3600) -> bool:
+    """A scratch folder `.<what>-<pid>-<tag>` (e.g. ingest's spill folder) whose process is gone, or a day old."""
+    parts = work.name.split("-")
+    pid = int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
+    return _writer_gone(pid) or _older_than(work, max_age_s)

@@ -88,7 +88,7 @@ POINT_LOOKUPS_MAX = 2_000
 _SHARDS_EXPORT_SQL = "SELECT * FROM shards ORDER BY partition"
 _ITEMS_EXPORT_SQL = ('SELECT i.item_id, i.partition, i."row", i.text_hash, s.sha256 AS shard_sha256 '
                      'FROM items i JOIN shards s ON s.partition = i.partition WHERE i.partition = ? ORDER BY i."row"')
-READER_VERSION = 1
+READER_VERSION = 2  # 2: the item_semantic_ids view
 
 
 class CatalogLocked(RuntimeError):
@@ -125,6 +125,28 @@ def shards_export(layout: Layout) -> Path:
 
 def items_export_dir(layout: Layout) -> Path:
     return reader_dir(layout) / "items"
+
+
+def semantic_ids_dir(layout: Layout) -> Path:
+    """Where the readers' view finds the live semantic IDs: an empty file with their schema, and a link to
+    HOME/semantic_ids/current/semantic_ids.parquet once there is a version (`publish_semantic_ids`)."""
+    return reader_dir(layout) / "semantic_ids"
+
+
+SID_LINK = "current.parquet"
+
+
+def publish_semantic_ids(layout: Layout) -> Path:
+    """Point the readers' `item_semantic_ids` view at HOME/semantic_ids/current (a relative symlink, made once:
+    `current` itself moves atomically with each new version, so the view always reads the live one)."""
+    ensure_reader(layout)
+    link = semantic_ids_dir(layout) / SID_LINK
+    target = os.path.relpath(layout.home / "semantic_ids" / "current" / "semantic_ids.parquet", link.parent)
+    if not (link.is_symlink() and os.readlink(link) == target):
+        tmp = temp_path_for(link)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    return link
 
 
 def _sql_path(path: Path) -> str:
@@ -208,6 +230,10 @@ def ensure_reader(layout: Layout) -> Path:
             f"COPY ({_SHARDS_EXPORT_SQL}) TO {_sql_path(tmp)} (FORMAT parquet)"))
         _create_if_absent(items_dir / "_schema.parquet", lambda tmp: mem.execute(
             f"COPY ({_ITEMS_EXPORT_SQL}) TO {_sql_path(tmp)} (FORMAT parquet)", [""]))
+        semantic_ids_dir(layout).mkdir(parents=True, exist_ok=True)
+        _create_if_absent(semantic_ids_dir(layout) / "_schema.parquet", lambda tmp: mem.execute(
+            "COPY (SELECT ''::VARCHAR AS item_id, []::INTEGER[] AS codes, ''::VARCHAR AS sid LIMIT 0) "
+            f"TO {_sql_path(tmp)} (FORMAT parquet)"))
     if not _reader_current(layout):
         tmp = temp_path_for(path)
         try:
@@ -231,6 +257,10 @@ def _reader_views(layout: Layout) -> list[str]:
         f'CREATE VIEW items AS SELECT i.item_id, i.partition, i."row", i.text_hash '
         f"FROM read_parquet({_sql_path(items_export_dir(layout) / '*.parquet')}) AS i "
         f"JOIN shards AS s ON s.partition = i.partition AND s.sha256 = i.shard_sha256",
+        # every item's semantic ID (HOME/semantic_ids/current), empty until semantic_ids is materialized
+        f"CREATE VIEW item_semantic_ids AS SELECT i.item_id, i.partition, s.codes, s.sid FROM items AS i "
+        f"JOIN (SELECT item_id, codes, sid FROM read_parquet("
+        f"{_sql_path(semantic_ids_dir(layout) / '*.parquet')}, union_by_name = true)) AS s USING (item_id)",
         f"CREATE VIEW catalog_info AS SELECT '{home}' AS home, {READER_VERSION} AS version",
     ]
 

@@ -95,7 +95,8 @@ class Plan:
         return self.items is None and not self.shards and self.index is None
 
 
-def plan(layout: Layout, source_fp: str, version: dict[str, Any], registered: set[str] | None = None) -> Plan:
+def plan(layout: Layout, source_fp: str, version: dict[str, Any], registered: set[str] | None = None,
+         semantic_ids: bool = True) -> Plan:
     """Everything that is not current, given the raw files' source fingerprint (`fingerprint_files`), the
     encoder's embedding version and the registered dynamic partitions (None: not checked).
 
@@ -122,7 +123,7 @@ def plan(layout: Layout, source_fp: str, version: dict[str, Any], registered: se
         p.items = Work("items", f"items-{source_fp}", reason)
     p.shards = shard_work(layout, groups, version)
     if not p.shards:
-        p.index = index_work(layout, groups)
+        p.index = index_work(layout, groups, semantic_ids)
     return p
 
 
@@ -159,8 +160,9 @@ def shard_set_fingerprints(layout: Layout, groups: Sequence[dict[str, Any]]) -> 
     return current
 
 
-def index_work(layout: Layout, groups: Sequence[dict[str, Any]]) -> Work | None:
-    """The index's Work when it is not built over exactly the current shards, or its files are not intact."""
+def index_work(layout: Layout, groups: Sequence[dict[str, Any]], semantic_ids: bool = True) -> Work | None:
+    """The index's Work when it is not built over exactly the current shards, or its files are not intact; with
+    `semantic_ids`, also when the live semantic IDs are not built over exactly the current shards."""
     current = shard_set_fingerprints(layout, groups)
     key = "index-" + hashlib.sha256(json.dumps(sorted(current.items())).encode()).hexdigest()[:32]
     try:
@@ -173,6 +175,15 @@ def index_work(layout: Layout, groups: Sequence[dict[str, Any]]) -> Work | None:
                 for path, sha in ((layout.index_file, built.get("index_sha256")),
                                   (layout.index_ids, built.get("ids_sha256")))
                 if cached_sha256(path) != sha]
+    if not problems and semantic_ids:
+        # the semantic IDs are refreshed by the same job: they too must be built over exactly the current shards
+        from embed_assets.core.semantic_ids import read_current_manifest, sid_root
+
+        sid = read_current_manifest(sid_root(layout.home))
+        if sid is None:
+            problems.append("no semantic IDs yet")
+        elif sid.get("input_shards") != {k: v for k, v in current.items() if v is not None}:
+            problems.append("the semantic IDs are built over other shards")
     return Work("index", key, "; ".join(problems)) if problems else None
 
 

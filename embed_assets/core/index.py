@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,48 @@ log = logging.getLogger(__name__)
 
 class IndexBuildError(RuntimeError):
     pass
+
+
+class ItemIds(Sequence):
+    """The index's row -> item id map, held as one Arrow string array (about the ids file's size in memory, where a
+    Python list of 10M str objects costs ~0.8 GB). `ids[row]` is a str; slicing and `list()` work as on a list."""
+
+    def __init__(self, arr=None):
+        import pyarrow as pa
+
+        if arr is None:
+            arr = pa.array([], pa.string())
+        elif isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+        elif not isinstance(arr, pa.Array):
+            arr = pa.array(list(arr), pa.string())
+        self.arrow = arr
+
+    @classmethod
+    def concat(cls, parts) -> "ItemIds":
+        import pyarrow as pa
+
+        parts = [p.arrow if isinstance(p, ItemIds) else pa.array(list(p), pa.string()) for p in parts]
+        return cls(pa.concat_arrays(parts) if parts else None)
+
+    def __len__(self) -> int:
+        return len(self.arrow)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.arrow[i].to_pylist()
+        return self.arrow[int(i)].as_py()
+
+    def __iter__(self):
+        return iter(self.arrow.to_pylist())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and list(self) == list(other)
+
+    def filter(self, keep: np.ndarray) -> "ItemIds":
+        import pyarrow as pa
+
+        return ItemIds(self.arrow.filter(pa.array(keep)))
 
 
 def build_index(vectors: np.ndarray, kind: str = "flat"):
@@ -50,7 +93,8 @@ def save_index(layout: Layout, index, item_ids: Sequence[str], meta: dict[str, A
     import pyarrow.parquet as pq
 
     layout.index_dir.mkdir(parents=True, exist_ok=True)
-    ids_table = pa.table({"item_id": pa.array(list(item_ids), pa.string())})
+    arr = item_ids.arrow if isinstance(item_ids, ItemIds) else pa.array(list(item_ids), pa.string())
+    ids_table = pa.table({"item_id": arr})
     atomic_write(layout.index_ids, lambda tmp: pq.write_table(ids_table, tmp))
     atomic_write(layout.index_file, lambda tmp: faiss.write_index(index, str(tmp)))
     crash_point("index_write")  # new index in place, manifest still the old one
@@ -77,27 +121,35 @@ def read_index_manifest(layout: Layout) -> dict[str, Any]:
         raise IndexBuildError(f"{layout.index_manifest}: unreadable ({e}); re-materialize faiss_index") from e
 
 
-def load_index(layout: Layout):
-    """Index, ids and manifest, each file read once and checked against the manifest (no race with a rebuild)."""
+def _read_checked(path, sha256: str, index_manifest, read):
+    """`read(fh)` on a file whose sha256 matched, from the same open file (a rebuild that replaces the file in
+    between cannot slip another one in), streamed: no copy of the bytes is held beside what `read` builds."""
     import hashlib
-    import io
 
+    try:
+        with open(path, "rb") as fh:
+            h = hashlib.sha256()
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+            if h.hexdigest() == sha256:
+                fh.seek(0)
+                return read(fh)
+    except FileNotFoundError:
+        pass
+    raise IndexBuildError(f"{path}: missing or does not match {index_manifest.name}; re-materialize faiss_index")
+
+
+def load_index(layout: Layout):
+    """Index, ids (`ItemIds`) and manifest, each file checked against the manifest and read from the handle that was
+    hashed. Memory: the index and the ids, nothing more (no serialized copy)."""
     import faiss
     import pyarrow.parquet as pq
 
     manifest = read_index_manifest(layout)
-    blobs = {}
-    for f, key in ((layout.index_file, "index_sha256"), (layout.index_ids, "ids_sha256")):
-        try:
-            data = f.read_bytes()
-        except FileNotFoundError:
-            data = b""
-        if hashlib.sha256(data).hexdigest() != manifest[key]:
-            raise IndexBuildError(f"{f}: missing or does not match {layout.index_manifest.name}; "
-                                  "re-materialize faiss_index")
-        blobs[key] = data
-    index = faiss.deserialize_index(np.frombuffer(blobs["index_sha256"], dtype=np.uint8))
-    ids = pq.read_table(io.BytesIO(blobs["ids_sha256"])).column("item_id").to_pylist()
+    index = _read_checked(layout.index_file, manifest["index_sha256"], layout.index_manifest,
+                          lambda fh: faiss.read_index(faiss.PyCallbackIOReader(fh.read, 1 << 22)))
+    ids = _read_checked(layout.index_ids, manifest["ids_sha256"], layout.index_manifest,
+                        lambda fh: ItemIds(pq.read_table(fh).column("item_id")))
     return index, ids, manifest
 
 
@@ -110,15 +162,16 @@ def _build(layout: Layout, manifests, kind: str):
     from embed_assets.core.shards import load_verified
 
     index = build_index(np.zeros((0, EMBEDDING_DIM), dtype=np.float32), kind)
-    ids: list[str] = []
-    ranges = {}
+    parts: list[list[str]] = []
+    ranges, n = {}, 0
     for m in manifests:
         shard_ids, emb = load_verified(layout, m)
-        ranges[m.partition] = [len(ids), len(shard_ids)]
-        ids.extend(shard_ids)
+        ranges[m.partition] = [n, len(shard_ids)]
+        n += len(shard_ids)
+        parts.append(ItemIds(shard_ids))
         index.add(np.ascontiguousarray(emb, dtype=np.float32))
-        del emb
-    return index, ids, ranges
+        del emb, shard_ids
+    return index, ItemIds.concat(parts), ranges
 
 
 def _update_in_place(layout: Layout, kind: str, version: dict, manifests, want: dict[str, str]):
@@ -154,7 +207,8 @@ def _update_in_place(layout: Layout, kind: str, version: dict, manifests, want: 
         drop[start:start + count] = True
     if drop.any():
         index.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(drop).astype(np.int64)))  # flat: compacts, keeps order
-    kept = [i for i, d in zip(ids, drop) if not d]
+    kept = [ids.filter(~drop)]
+    n_kept = len(kept[0])
     new_ranges, pos = {}, 0
     for k, (start, count) in sorted(ranges.items(), key=lambda kv: kv[1][0]):
         if k not in removed:
@@ -163,8 +217,11 @@ def _update_in_place(layout: Layout, kind: str, version: dict, manifests, want: 
     for m in added:
         shard_ids, emb = load_verified(layout, m)
         index.add(np.ascontiguousarray(emb, dtype=np.float32))
-        new_ranges[m.partition] = [len(kept), len(shard_ids)]
-        kept.extend(shard_ids)
+        new_ranges[m.partition] = [n_kept, len(shard_ids)]
+        n_kept += len(shard_ids)
+        kept.append(ItemIds(shard_ids))
+        del emb, shard_ids
+    kept = ItemIds.concat(kept)
     how = {"mode": "in_place", "n_partitions_added": len(added), "n_partitions_removed": len(removed),
            "n_vectors_added": sum(new_ranges[m.partition][1] for m in added), "n_vectors_removed": int(drop.sum())}
     return index, kept, new_ranges, how
@@ -182,43 +239,18 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
     synced on the way (so it lists the indexed shards), but a busy one (`CatalogLocked` after `catalog_timeout_s`)
     only defers that: the index is built, `catalog_deferred` is recorded, and the next sync catches up."""
     from embed_assets.core import catalog
-    from embed_assets.core.shards import (
-        NORM_TOLERANCE,
-        cached_sha256,
-        clear_previous,
-        load_verified,
-        norms_within,
-        read_manifest,
-        verify_files,
-    )
+    from embed_assets.core.shards import NORM_TOLERANCE, clear_previous, current_shards
 
     tol = NORM_TOLERANCE if tol is None else tol
     t0 = time.perf_counter()
     valid = {rg["partition"] for rg in row_groups}
-    problems, manifests = [], []
-    for rg in row_groups:
-        m = read_manifest(layout, rg["partition"])
-        if m is None:
-            problems.append(f"{rg['partition']}: no shard (materialize item_embeddings for it)")
-        elif m.rows_fingerprint != rg["fingerprint"]:
-            problems.append(f"{rg['partition']}: shard is stale, its partition changed (re-materialize it)")
-        elif verify_files(layout, m, cached_sha256):
-            problems.append(f"{rg['partition']}: shard files do not match the manifest (re-materialize it)")
-        elif not norms_within(m.norms, tol):
-            problems.append(f"{rg['partition']}: norms outside 1 ± {tol:g} (min {m.norms['min']:.5f}, "
-                            f"max {m.norms['max']:.5f}); the norm check fails for it")
-        else:
-            manifests.append(m)
+    manifests, problems = current_shards(layout, row_groups, tol)
     # Before failing or building: the catalog drops untrusted shards and lists the good ones (checksums cached).
     try:
         sync, deferred = catalog.sync(layout, valid_partitions=valid, timeout_s=catalog_timeout_s), ""
     except catalog.deferrable_errors() as e:
         sync, deferred = {}, f"{type(e).__name__}: {e}"
         log.warning(f"catalog sync deferred to the next run or `embed-assets verify --repair` ({deferred})")
-    versions = {json.dumps(m.version, sort_keys=True) for m in manifests}
-    if len(versions) > 1:
-        problems.append(f"shards of {len(versions)} embedding versions would mix: {sorted(versions)}; "
-                        "re-materialize all partitions with one model")
     if problems:
         raise IndexBuildError("index not built:\n  " + "\n  ".join(problems))
     version = manifests[0].version if manifests else {}
@@ -230,8 +262,8 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
         index, ids, ranges = _build(layout, manifests, kind)
         how = {"mode": "rebuild", "n_partitions_added": len(manifests), "n_partitions_removed": 0,
                "n_vectors_added": len(ids), "n_vectors_removed": 0}
-    if len(set(ids)) != len(ids):
-        raise IndexBuildError("index not built: an item id occurs in two shards; re-materialize processed_items")
+    # No id can sit in two shards: an item's partition is a function of its id (core/partitioning.py) and every
+    # shard above was checked to hold exactly its partition's current rows. So no catalog-sized set() is built here.
     build_s = time.perf_counter() - t0
     meta = {"kind": kind, "faiss_type": type(index).__name__, "metric": "inner_product", "build_seconds": build_s,
             "version": version, "partitions": [m.partition for m in manifests],

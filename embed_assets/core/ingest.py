@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from embed_assets.core.atomic import atomic_write, atomic_write_json, sha256_file
+from embed_assets.core.atomic import abandoned_work_dir, atomic_write, atomic_write_json, sha256_file
+from embed_assets.core.faults import crash_point
 from embed_assets.core.partitioning import (ID_HASH_SQL, Leaf, check_cover, full_level, initial_depth, leaf_of_key,
                                             split_overfull)
 from embed_assets.core.text import field_text, normalize_id
@@ -556,7 +557,11 @@ def ingest(
         raise ItemsError(f"target partition size must be positive, got {target_rows}")
     title_field = title_field or text_fields[0]
     files = discover_files(paths)
-    work = Path(work_dir or out_dir.parent) / f".ingest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    scratch = Path(work_dir or out_dir.parent)
+    for old in scratch.glob(".ingest-*") if scratch.exists() else []:
+        if old.is_dir() and abandoned_work_dir(old):  # a killed run's spill: its process is gone
+            shutil.rmtree(old, ignore_errors=True)
+    work = scratch / f".ingest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     spill_dir = work / "spill"
     spill_dir.mkdir(parents=True)
     # The budget: DuckDB's share, and raw bytes per block (Arrow's parsed copy is a few times the input).
@@ -589,6 +594,7 @@ def ingest(
         t1 = time.perf_counter()
         log(f"read {n_read:,} rows from {len(files)} file(s) in {t1 - t0:.1f} s "
             f"({n_read / max(t1 - t0, 1e-9):,.0f} rows/s); {sum(counts.values()):,} rejected")
+        crash_point("ingest_spilled")  # every row spilled, no partition written yet
         result = _partition(con, spill_dir, out_dir, previous, target_rows, work, log)
         result.n_rows_read, result.n_rejected, result.reject_counts = n_read, sum(counts.values()), dict(counts)
         result.n_truncated, result.files, result.file_sha256 = n_trunc, [str(f) for f in files], digests

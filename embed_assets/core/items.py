@@ -133,3 +133,20 @@ def read_partition(layout, key: str, columns: Sequence[str] = ("item_id", "text"
         raise ItemsError(f"partition {key} does not exist in processed_items ({path} is missing); "
                          "re-materialize processed_items, whose run also removes stale partitions")
     return pq.read_table(path, columns=list(columns))
+
+
+def titles_of(layout, item_ids: Sequence[str]) -> dict[str, str]:
+    """Titles of a few items, read from the partition files (only their title column, only the rows asked for)."""
+    import duckdb
+    import pyarrow as pa
+
+    if not item_ids or not layout.partitions_dir.exists() or not any(layout.partitions_dir.glob("*.parquet")):
+        return {}
+    con = duckdb.connect()
+    try:
+        con.register("wanted", pa.table({"item_id": pa.array(list(item_ids), pa.string())}))
+        rows = con.execute(f"""SELECT p.item_id, p.title
+                               FROM read_parquet('{layout.partitions_dir}/*.parquet') p JOIN wanted USING (item_id)""")
+        return dict(rows.fetchall())
+    finally:
+        con.close()

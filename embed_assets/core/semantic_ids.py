@@ -629,6 +629,16 @@ def read_current(root: str | os.PathLike) -> str | None:
         raise SemanticIdError(f"{link}: not a symlink to a version folder ({e}); remove it and rebuild") from e
 
 
+def read_current_manifest(root: str | os.PathLike) -> dict[str, Any] | None:
+    """The live version's manifest without reading its files (the sensor's cheap question: built over which
+    shards?); None before the first build or when unreadable (the asset checks verify the files)."""
+    try:
+        name = read_current(root)
+        return json.loads((Path(root) / name / "manifest.json").read_text("utf-8")) if name else None
+    except (SemanticIdError, OSError, ValueError):
+        return None
+
+
 def list_versions(root: str | os.PathLike) -> list[str]:
     root = Path(root)
     if not root.exists():

@@ -253,7 +253,14 @@ def shard_key_of(name: str) -> str | None:
 # sha256 by path, remembered with the file's (size, mtime_ns, ctime_ns, inode). A file whose mtime is within
 # _RACY_S of the moment it was hashed is not remembered (it may still change within one mtime tick: git's "racy
 # clean" problem), nor one that changed while it was hashed. ctime cannot be set back by a user, unlike mtime.
+#
+# Two layers: this process's memory, and a small JSON file per folder (HASH_CACHE_NAME), so that a restarted daemon
+# or a new run does not hash every shard again: its first sensor tick costs a stat per file. The file is only a
+# cache: a lost or stale entry costs a re-hash, never trust (an entry answers only for the exact same stat).
+# `embed-assets verify` hashes everything anyway (`refresh=True`).
+HASH_CACHE_NAME = ".sha256-cache.json"
 _HASHES: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+_DISK: dict[str, tuple[int, dict[str, list]]] = {}
 _RACY_S = 2.0
 
 
@@ -261,19 +268,54 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
+def _disk_cache(folder: str) -> dict[str, list]:
+    f = os.path.join(folder, HASH_CACHE_NAME)
+    try:
+        mtime = os.stat(f).st_mtime_ns
+    except OSError:
+        return {}
+    hit = _DISK.get(folder)
+    if hit is not None and hit[0] == mtime:
+        return hit[1]
+    try:
+        with open(f, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    _DISK[folder] = (mtime, data)
+    return data
+
+
+def _remember_on_disk(path: str, key: tuple[int, int, int, int], digest: str) -> None:
+    folder, name = os.path.split(path)
+    data = {n: v for n, v in _disk_cache(folder).items() if n != name and os.path.exists(os.path.join(folder, n))}
+    data[name] = [*key, digest]
+    try:
+        atomic_write_json(Path(folder) / HASH_CACHE_NAME, data)
+    except OSError:
+        pass  # a read-only folder: the memory layer still serves this process
+
+
 def cached_sha256(path: str | os.PathLike, refresh: bool = False) -> str:
     """sha256 of a file, re-hashed only when its size, mtime, ctime or inode moved ("" when the file is missing).
 
-    One process hashes an unchanged shard once: the catalog sync, the index build and the sensor call this over every
-    shard, the expensive part (the hash) grows with what was written since, not with the catalog. `refresh` hashes
-    anyway (verify's full check) and remembers the result for the others."""
+    An unchanged shard is hashed once, not once per process: the catalog sync, the index build and the sensor call
+    this over every shard, and the expensive part (the hash) grows with what was written since, not with the
+    catalog. `refresh` hashes anyway (verify's full check) and remembers the result for the others."""
     path = str(path)
     try:
         st = os.stat(path)
         key = _stat_key(st)
-        hit = _HASHES.get(path)
-        if hit is not None and hit[0] == key and not refresh:
-            return hit[1]
+        if not refresh:
+            hit = _HASHES.get(path)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+            folder, name = os.path.split(path)
+            disk = _disk_cache(folder).get(name)
+            if isinstance(disk, list) and len(disk) == 5 and tuple(disk[:4]) == key:
+                _HASHES[path] = (key, disk[4])
+                return disk[4]
         digest = sha256_file(path)
         after = os.stat(path)
     except FileNotFoundError:
@@ -281,6 +323,7 @@ def cached_sha256(path: str | os.PathLike, refresh: bool = False) -> str:
         return ""
     if _stat_key(after) == key and time.time() - st.st_mtime > _RACY_S:
         _HASHES[path] = (key, digest)
+        _remember_on_disk(path, key, digest)
     else:
         _HASHES.pop(path, None)
     return digest
@@ -297,6 +340,39 @@ def verify_files(layout: Layout, m: ShardManifest,
         elif hasher(path) != expected:
             problems.append(f"{name} checksum mismatch (file changed or corrupt)")
     return problems
+
+
+def current_shards(layout: Layout, row_groups: Sequence[dict[str, Any]], tol: float = NORM_TOLERANCE
+                   ) -> tuple[list[ShardManifest], list[str]]:
+    """The one answer to "is this partition's shard current and trusted?", for everything that reads all shards (the
+    index, the semantic IDs): (the manifests of the partitions whose shard is, in row-group order; one problem line,
+    with what to do, per partition whose shard is not). Current: built from the partition's rows as processed now.
+    Trusted: its files match the manifest's checksums (stat-cached, see cached_sha256) and its norms are within
+    `tol`. Mixed embedding versions are a problem too."""
+    problems, manifests = [], []
+    for rg in row_groups:
+        key = rg["partition"]
+        try:
+            m = read_manifest(layout, key)
+        except ShardError as e:
+            problems.append(f"{key}: {e}")
+            continue
+        if m is None:
+            problems.append(f"{key}: no shard (materialize item_embeddings for it)")
+        elif m.rows_fingerprint != rg["fingerprint"]:
+            problems.append(f"{key}: shard is stale, its partition changed (re-materialize it)")
+        elif verify_files(layout, m, cached_sha256):
+            problems.append(f"{key}: shard files do not match the manifest (re-materialize it)")
+        elif not norms_within(m.norms, tol):
+            problems.append(f"{key}: norms outside 1 ± {tol:g} (min {m.norms['min']:.5f}, "
+                            f"max {m.norms['max']:.5f}); the norm check fails for it")
+        else:
+            manifests.append(m)
+    versions = {json.dumps(m.version, sort_keys=True) for m in manifests}
+    if len(versions) > 1:
+        problems.append(f"shards of {len(versions)} embedding versions would mix: {sorted(versions)}; "
+                        "re-materialize all partitions with one model")
+    return manifests, problems
 
 
 def read_verified_bytes(path: Path, sha256: str, partition: str) -> bytes:

@@ -10,11 +10,12 @@ so a shard file without a manifest is an orphan only when nobody holds its parti
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from embed_assets.core import catalog
-from embed_assets.core.atomic import abandoned_temp_file
+from embed_assets.core.atomic import abandoned_temp_file, abandoned_work_dir
 from embed_assets.core.index import IndexBuildError, load_index
 from embed_assets.core.items import ItemsError, load_partitions
 from embed_assets.core.layout import Layout
@@ -78,6 +79,17 @@ def verify(layout: Layout, repair: bool = False, check_index: bool = True,
                 fixed.append(f"removed leftover temp file {tmp.relative_to(layout.home)}")
             else:
                 problems.append(f"leftover temp file {tmp.relative_to(layout.home)} (from an interrupted write)")
+
+    # Scratch folders of an interrupted processed_items (spill files of a killed ingest): never read, only swept.
+    for work in sorted(layout.processed_dir.glob(".ingest-*")) if layout.processed_dir.exists() else []:
+        if not work.is_dir() or not abandoned_work_dir(work):
+            continue
+        if repair:
+            shutil.rmtree(work, ignore_errors=True)
+            fixed.append(f"removed leftover scratch folder {work.relative_to(layout.home)}")
+        else:
+            problems.append(f"leftover scratch folder {work.relative_to(layout.home)} (from an interrupted "
+                            "processed_items); `embed-assets verify --repair` removes it")
 
     by_key: dict[str, list[Path]] = {}
     for f in sorted(layout.embeddings_dir.glob("shard_*")) if layout.embeddings_dir.exists() else []:

@@ -5,15 +5,17 @@ from embed_assets.defs.embeddings.partitions import item_partitions
 from embed_assets.defs.evaluation.assets import retrieval_report
 from embed_assets.defs.index.assets import faiss_index
 from embed_assets.defs.items.assets import processed_items
+from embed_assets.defs.semantic_ids.assets import semantic_ids
 
 # The graph in three steps, because a run covers one partition of item_embeddings at most:
-# items (adds the partitions) -> one run per row group -> norms, index and report over all shards.
+# items (adds the partitions) -> one run per row group -> norms, index, report and semantic IDs over all shards.
 process_items_job = dg.define_asset_job("process_items_job", selection=dg.AssetSelection.assets(processed_items))
 embed_shards_job = dg.define_asset_job(
     "embed_shards_job", selection=dg.AssetSelection.assets(item_embeddings), partitions_def=item_partitions
 )
 index_and_report_job = dg.define_asset_job(
-    "index_and_report_job", selection=dg.AssetSelection.assets(embedding_norms, faiss_index, retrieval_report)
+    "index_and_report_job",
+    selection=dg.AssetSelection.assets(embedding_norms, faiss_index, retrieval_report, semantic_ids),
 )
 
 JOBS = [process_items_job, embed_shards_job, index_and_report_job]
@@ -23,5 +25,6 @@ JOBS = [process_items_job, embed_shards_job, index_and_report_job]
 JOB_ASSETS: dict[str, frozenset[dg.AssetKey]] = {
     process_items_job.name: frozenset({processed_items.key}),
     embed_shards_job.name: frozenset({item_embeddings.key}),
-    index_and_report_job.name: frozenset({embedding_norms.key, faiss_index.key, retrieval_report.key}),
+    index_and_report_job.name: frozenset({embedding_norms.key, faiss_index.key, retrieval_report.key,
+                                          semantic_ids.key}),
 }

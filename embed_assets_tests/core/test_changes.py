@@ -95,7 +95,14 @@ def _fake_shards(layout):
         write_shard(layout, m, ids, ["h"] * len(ids), emb)
 
 
-def _fake_index(layout, fingerprints):
+def _fake_index(layout, fingerprints, sids=True):
+    """An index (and, with `sids`, live semantic IDs) vouching for these shards: only the manifests plan() reads."""
+    if sids:
+        version = layout.home / "semantic_ids" / "v00001"
+        version.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(version / "manifest.json", {"input_shards": fingerprints})
+        if not (layout.home / "semantic_ids" / "current").is_symlink():
+            (layout.home / "semantic_ids" / "current").symlink_to("v00001")
     layout.index_dir.mkdir(parents=True, exist_ok=True)
     layout.index_file.write_bytes(b"index")
     layout.index_ids.write_bytes(b"ids")
@@ -114,6 +121,12 @@ def test_missing_or_corrupt_shards_and_a_damaged_index_are_work_again(tmp_path):
     assert p.shards == [] and p.index.reason.startswith("no index yet")
     index_key = p.index.key
     fps = {m: json.loads(layout.shard_manifest(m).read_text())["fingerprint"] for m in p.partitions}
+    _fake_index(layout, fps, sids=False)
+    # the index job also refreshes the semantic IDs: without a live version built over these shards, it is work
+    assert plan(layout, fp, VERSION).index.reason == "no semantic IDs yet"
+    assert plan(layout, fp, VERSION, semantic_ids=False).current  # switched off: the index alone is what counts
+    _fake_index(layout, {**fps, p.partitions[0]: "other"})
+    assert plan(layout, fp, VERSION).index.reason == "the index is built over other shards"
     _fake_index(layout, fps)
     assert plan(layout, fp, VERSION).current
 
@@ -178,3 +191,46 @@ def test_source_fingerprint_covers_paths_and_settings(tmp_path):
     assert fingerprint_files([str(raw)], _config())[1] != fp
     assert fingerprint_files([str(raw)], items_config("_id", ["title", "text"], None, 10))[1] != \
         fingerprint_files([str(raw)], _config())[1]
+
+
+def test_a_restarted_sensor_plans_without_hashing_unchanged_shards(tmp_path, monkeypatch):
+    """The first tick after a daemon restart costs a stat per file, not a hash of every byte on disk; a file changed
+    while nobody watched (same size, mtime put back) is still hashed and caught."""
+    import os
+    import time
+
+    from embed_assets.core import shards
+
+    raw, layout = tmp_path / "raw", Layout.at(tmp_path / "home")
+    _jsonl(raw / "a.jsonl", _rows(30))
+    process_items(layout, [str(raw)], "_id", ["title"], 10)
+    fp = fingerprint_files([str(raw)], _config())[1]
+    _fake_shards(layout)
+    past = time.time() - 60  # older than the racy window: the hashes may be remembered
+    for f in list(layout.embeddings_dir.glob("shard_*")):
+        os.utime(f, (past, past))
+    p = plan(layout, fp, VERSION)
+    _fake_index(layout, {m: json.loads(layout.shard_manifest(m).read_text())["fingerprint"] for m in p.partitions})
+    for f in (layout.index_file, layout.index_ids):
+        os.utime(f, (past, past))
+    assert plan(layout, fp, VERSION).current  # hashes everything once, and remembers it on disk
+    assert (layout.embeddings_dir / shards.HASH_CACHE_NAME).exists()
+
+    hashed = []
+    real = shards.sha256_file
+    monkeypatch.setattr(shards, "sha256_file", lambda path: hashed.append(os.path.basename(path)) or real(path))
+    shards._HASHES.clear()  # a new process: nothing in memory
+    shards._DISK.clear()
+    assert plan(layout, fp, VERSION).current
+    assert hashed == []
+
+    key = p.partitions[0]
+    f = layout.shard_pt(key)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    os.utime(f, (past, past))  # same size, same mtime: only ctime tells
+    shards._HASHES.clear()
+    p2 = plan(layout, fp, VERSION)
+    assert hashed == [f.name]
+    assert [(w.partition, w.reason) for w in p2.shards] == [(key, f"{f.name} checksum mismatch (file changed or corrupt)")]

@@ -9,7 +9,7 @@ from embed_assets.core.changes import PastRun, Work, fingerprint_files, next_att
 from embed_assets.core.items import ItemsError, items_config
 from embed_assets.defs.embeddings.partitions import item_partitions
 from embed_assets.defs.jobs import JOB_ASSETS, embed_shards_job, index_and_report_job, process_items_job
-from embed_assets.resources import EncoderResource, HomeResource, ItemSource
+from embed_assets.resources import EncoderResource, HomeResource, ItemSource, SemanticIdSettings
 
 SENSOR_INTERVAL_S = int(os.environ.get("EMBED_ASSETS_SENSOR_INTERVAL_S", "30"))
 SENSOR_DEFAULT = (dg.DefaultSensorStatus.RUNNING if os.environ.get("EMBED_ASSETS_SENSOR", "").lower() in ("1", "on", "true")
@@ -98,14 +98,15 @@ def _superseded_at(context: dg.SensorEvaluationContext, work: Work, history: lis
     return at
 
 
-def _request(context: dg.SensorEvaluationContext, work: Work, history: list[PastRun]) -> tuple[dg.RunRequest | None, str]:
+def _request(context: dg.SensorEvaluationContext, work: Work, history: list[PastRun],
+             selection: list[dg.AssetKey] | None = None) -> tuple[dg.RunRequest | None, str]:
     attempt = next_attempt(history, time.time(), _superseded_at(context, work, history))
     if attempt.number is None:
         return None, attempt.reason
     why = work.reason + (f" ({attempt.reason})" if attempt.reason else "")
     context.log.info(f"requesting {JOB_OF[work.kind]}{f' {work.partition}' if work.partition else ''}: {why}")
     return dg.RunRequest(run_key=f"{work.key}:{attempt.number}", job_name=JOB_OF[work.kind],
-                         partition_key=work.partition,
+                         partition_key=work.partition, asset_selection=selection,
                          tags={REQUEST_TAG: work.key, TARGET_TAG: work.target, REASON_TAG: why[:250]}), ""
 
 
@@ -115,7 +116,7 @@ def _request(context: dg.SensorEvaluationContext, work: Work, history: list[Past
     default_status=SENSOR_DEFAULT,
 )
 def raw_items_sensor(context: dg.SensorEvaluationContext, home: HomeResource, items: ItemSource,
-                     encoder: EncoderResource):
+                     encoder: EncoderResource, sids: SemanticIdSettings):
     """Watches the raw item files and brings everything downstream to what is wanted, whatever the history.
 
     Each tick compares the state on disk with the wanted one (`core.changes.plan`), in order: the raw files'
@@ -144,7 +145,7 @@ def raw_items_sensor(context: dg.SensorEvaluationContext, home: HomeResource, it
     if files != cursor.get("files"):
         context.update_cursor(json.dumps({"files": files}))
     registered = set(context.instance.get_dynamic_partitions(item_partitions.name))
-    p = plan(home.layout, source_fp, encoder.encoder.version, registered)
+    p = plan(home.layout, source_fp, encoder.encoder.version, registered, semantic_ids=sids.enabled)
     notes: list[str] = []
 
     if p.items:
@@ -185,7 +186,10 @@ def raw_items_sensor(context: dg.SensorEvaluationContext, home: HomeResource, it
         if run:
             notes.append(f"index ({p.index.reason}): waiting for run {run[:8]} (index or shards in progress)")
         else:
-            req, why = _request(context, p.index, _history(context, [p.index.key])[p.index.key])
+            # semantic IDs switched off (a catalog too small for them): the index job without that asset
+            selection = None if sids.enabled else sorted(
+                JOB_ASSETS[index_and_report_job.name] - {dg.AssetKey("semantic_ids")}, key=str)
+            req, why = _request(context, p.index, _history(context, [p.index.key])[p.index.key], selection)
             if req:
                 return [req]
             notes.append(f"index ({p.index.reason}): {why}")
