@@ -75,7 +75,8 @@ def test_a_reader_kept_open_during_a_run_blocks_nothing_and_sees_the_rows(tmp_pa
     docs = sample_docs(60)
     corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", docs)
     settings = Settings(home=str(tmp_path / "home"), items=[str(corpus)], partition_size=30,
-                        queries=str(SAMPLE_QUERIES), qrels=str(SAMPLE_QRELS), min_recall_at_100=0.0)
+                        queries=str(SAMPLE_QUERIES), qrels=str(SAMPLE_QRELS), min_recall_at_100=0.0,
+                        semantic_ids=False)  # 60 items: too few for a semantic-ID codebook
     layout = Layout.at(settings.home)
     read_db = catalog.ensure_reader(layout)  # what any first run creates; here before it, so the reader is early
     assert read_db == layout.home / "catalog" / "read.duckdb"

@@ -38,7 +38,8 @@ def _consistent(layout: Layout):
 def test_sigkill_at_each_point_then_rerun_is_consistent(tmp_path, point):
     corpus = write_jsonl(tmp_path / "raw.jsonl", sample_docs(60))
     home = tmp_path / "home"
-    args = ["run", "--home", str(home), "--items", str(corpus), "--text-fields", "title", "--partition-size", "20"]
+    args = ["run", "--home", str(home), "--items", str(corpus), "--text-fields", "title", "--partition-size", "20",
+            "--no-semantic-ids"]  # 40-60 items: too few to train a semantic-ID codebook
     if point in ("ingest_spilled", "shard_write", "catalog_write"):
         # crash while *replacing* existing shards: the first run completes, then one title changes
         assert run_cli(args, tmp_path).returncode == 0
@@ -56,7 +57,8 @@ def test_sigkill_at_each_point_then_rerun_is_consistent(tmp_path, point):
 def test_corrupt_shard_is_detected_reported_and_rebuilt(tmp_path):
     corpus = write_jsonl(tmp_path / "raw.jsonl", sample_docs(40))
     home = tmp_path / "home"
-    args = ["run", "--home", str(home), "--items", str(corpus), "--text-fields", "title", "--partition-size", "20"]
+    args = ["run", "--home", str(home), "--items", str(corpus), "--text-fields", "title", "--partition-size", "20",
+            "--no-semantic-ids"]  # 40-60 items: too few to train a semantic-ID codebook
     assert run_cli(args, tmp_path).returncode == 0
     layout = Layout.at(home)
     parts = load_partitions(layout)
@@ -95,7 +97,8 @@ def test_hostile_rows_are_rejected_and_good_rows_match_a_clean_run(tmp_path):
 
     def run(name):
         r = run_cli(["run", "--home", str(tmp_path / name), "--items", str(tmp_path / f"{name}.jsonl"),
-                  "--id-field", "id", "--text-fields", "title", "--partition-size", "50"], tmp_path)
+                  "--id-field", "id", "--text-fields", "title", "--partition-size", "50", "--no-semantic-ids"],
+                    tmp_path)
         assert r.returncode == 0, r.stdout[-3000:]
         vectors = {}
         for pt in sorted((tmp_path / name / "embeddings").glob("shard_*.pt")):  # every partition's shard

@@ -165,7 +165,8 @@ class SidConfig:
     quantizer: str = "rq_kmeans"  # rq_kmeans (faiss k-means per level) | rqvae (torch)
     levels: int = 3
     codebook_size: int = 256
-    extra_digit_size: int | None = None  # values the collision digit may take; default = codebook size used
+    extra_digit_size: int | None = None  # values the collision digit may take; default = codebook_size as
+    # configured (a catalog too small for it trains a smaller codebook, but its items still get the full digit range)
     train_sample: int = 65_536  # at most this many vectors train the quantizer (uniform, seeded); 256 per code at
     # K=256, where faiss's k-means stops using more (its max_points_per_centroid)
     seed: int = 0
@@ -981,7 +982,7 @@ def _assess(shards, config: SidConfig, titles, log) -> dict[str, Any]:
     codes = enc.per_q[config.quantizer]["codes"]
     digits = assign_fresh_digits(enc.ids, codes, k)
     full = np.concatenate([codes, digits[:, None]], axis=1)
-    extra = config.extra_digit_size or k
+    extra = config.extra_digit_size or config.codebook_size
     comparison = _comparison(enc, quantizers, k, train_s)
     training = {**info, "train_seconds": train_s[config.quantizer],
                 "quantizer": quantizers[config.quantizer].describe()}
@@ -1209,7 +1210,7 @@ def _build(root: Path, shards: list[ShardInput], config: SidConfig, retrain: boo
             codes = enc.per_q[config.quantizer]["codes"]
             digits = assign_fresh_digits(enc.ids, codes, k)
             full = np.concatenate([codes, digits[:, None]], axis=1)
-            extra = config.extra_digit_size or k
+            extra = config.extra_digit_size or config.codebook_size
             action = "retrained" if prev is not None else "created"
             drift = changes.get("drift")
             changes = {"previous_version": prev.name} if prev is not None else {}

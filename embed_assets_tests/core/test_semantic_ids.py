@@ -219,7 +219,7 @@ def test_small_catalog_gets_a_smaller_codebook_or_a_clear_error(tmp_path):
     ids = [f"i{i}" for i in range(600)]
     res = S.build_semantic_ids(tmp_path / "sid", _shards(ids, x), S.SidConfig(neighbour_queries=20))
     m = res.manifest
-    assert (m["codebook_size_requested"], m["codebook_size"], m["extra_digit_size"]) == (256, 8, 8)
+    assert (m["codebook_size_requested"], m["codebook_size"], m["extra_digit_size"]) == (256, 8, 256)
     assert "lowered from 256 to 8" in m["codebook_size_reason"]
     assert res.report["codebook_size"] == 8 and any("lowered" in r for r in res.report["recommendations"])
     # the catalog grows past 39 x 256 distinct vectors: the codebooks stay frozen (stable IDs), the report says retrain

@@ -3,15 +3,19 @@ import sys
 
 import dagster as dg
 
+ASSETS = {"processed_items", "item_embeddings", "embedding_norms", "faiss_index", "retrieval_report", "semantic_ids"}
+CHECKS = {"shard_norm_check", "all_norms_within_tolerance", "retrieval_quality_check", "unique_semantic_ids",
+          "extra_digit_capacity", "codebook_utilization"}
+
 
 def test_defs_load_with_the_whole_graph():
     from embed_assets.definitions import defs
 
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"processed_items", "item_embeddings", "embedding_norms", "faiss_index", "retrieval_report"}
+    assert keys == ASSETS
     checks = {c.name for c in graph.asset_check_keys}
-    assert checks == {"shard_norm_check", "all_norms_within_tolerance", "retrieval_quality_check"}
+    assert checks == CHECKS
     for job in ("process_items_job", "embed_shards_job", "index_and_report_job"):
         assert defs.resolve_job_def(job) is not None
     parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
@@ -19,6 +23,7 @@ def test_defs_load_with_the_whole_graph():
     assert parents["item_embeddings"] == {"processed_items"}
     assert parents["faiss_index"] == {"item_embeddings", "embedding_norms"}
     assert parents["retrieval_report"] == {"faiss_index"}
+    assert parents["semantic_ids"] == {"item_embeddings", "embedding_norms"}
     assert graph.get(dg.AssetKey("item_embeddings")).partitions_def.name == "item_partitions"
 
 
@@ -71,10 +76,9 @@ def test_dagster_webserver_serves_the_whole_graph(tmp_path):
             time.sleep(1)
         assert data and data.get("data"), data
         nodes = data["data"]["assetNodes"]
-        assert {"/".join(n["assetKey"]["path"]) for n in nodes} == {
-            "processed_items", "item_embeddings", "embedding_norms", "faiss_index", "retrieval_report"}
+        assert {"/".join(n["assetKey"]["path"]) for n in nodes} == ASSETS
         checks = {c["name"] for n in nodes for c in (n["assetChecksOrError"].get("checks") or [])}
-        assert checks == {"shard_norm_check", "all_norms_within_tolerance", "retrieval_quality_check"}
+        assert checks == CHECKS
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

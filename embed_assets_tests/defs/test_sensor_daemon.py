@@ -62,6 +62,7 @@ def d(tmp_path_factory):
            "EMBED_ASSETS_ITEMS": str(raw), "EMBED_ASSETS_TEXT_FIELDS": "title",
            "EMBED_ASSETS_PARTITION_SIZE": str(PARTITION_SIZE), "EMBED_ASSETS_SENSOR": "on",
            "EMBED_ASSETS_SENSOR_INTERVAL_S": "2", "OMP_NUM_THREADS": "1",
+           "EMBED_ASSETS_SEMANTIC_IDS": "0",  # 20 items at first: too few for a semantic-ID codebook
            "EMBED_ASSETS_PAUSE_AT": "embed_start", "EMBED_ASSETS_PAUSE_FILE": str(tmp / "gate_d")}
     env.pop("EMBED_ASSETS_CRASH_AT", None)
     log = tmp / "daemon.log"
