@@ -19,9 +19,7 @@ import argparse
 import csv
 import json
 import os
-import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,11 +30,10 @@ MYNTRA = Path(os.environ.get("EMBED_ASSETS_MYNTRA_CSV", HERE.parent.parent / "sh
 
 
 def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:
-        return platform.processor() or "unknown"
+    from embed_assets.core.encoder import cpu_info
+
+    info = cpu_info()
+    return f"{info['model']} (bf16 flags: {', '.join(info['bf16_flags']) or 'none'}; {os.cpu_count()} cores)"
 
 
 def base_rows() -> list[dict]:
@@ -77,11 +74,19 @@ def run(settings, label: str) -> dict:
            "steps": steps}
     print(json.dumps({k: v for k, v in out.items() if k != "steps"}), flush=True)
     for name, st in steps.items():
-        print(f"    {name:<18} {st.get('seconds', 0):>8.1f} s   peak RSS {st.get('peak_rss_mb', 0):>8,.0f} MB", flush=True)
+        extra = ""
+        if st.get("bytes"):
+            mb = st["bytes"] / 2**20
+            extra = (f"   index {mb:,.0f} MB, overhead above it {st.get('peak_rss_mb', 0) - mb:,.0f} MB"
+                     f" ({st.get('update_mode')})")
+        elif st.get("rows_per_s"):
+            extra = f"   {st['rows_per_s']:,.0f} rows/s"
+        print(f"    {name:<18} {st.get('seconds', 0):>8.1f} s   peak RSS {st.get('peak_rss_mb', 0):>8,.0f} MB{extra}",
+              flush=True)
     return out
 
 
-def bench(n: int, partition_size: int, budget: int, work: Path) -> dict:
+def bench(n: int, partition_size: int, budget: int, work: Path, semantic_ids: bool = False) -> dict:
     from embed_assets.settings import Settings
 
     base = base_rows()
@@ -91,6 +96,7 @@ def bench(n: int, partition_size: int, budget: int, work: Path) -> dict:
                  partition_size=partition_size)
     s.memory_budget_mb = budget
     s.min_recall_at_100 = 0.0
+    s.semantic_ids = semantic_ids  # off by default: their cost has its own benchmark (semantic_ids.py)
     res = {"n": n, "raw_bytes": raw.stat().st_size, "full": run(s, f"{n:,} full run")}
 
     rng = random.Random(0)
@@ -104,6 +110,9 @@ def bench(n: int, partition_size: int, budget: int, work: Path) -> dict:
     write_catalog(raw, n2 + 1, base, edits=edits, skip={n2 // 2})
     res["add_one"] = run(s, "add one item")
     raw.unlink()
+    import shutil
+
+    shutil.rmtree(s.home, ignore_errors=True)  # the next size needs the disk
     return res
 
 
@@ -113,6 +122,7 @@ def main() -> int:
     p.add_argument("--partition-size", type=int, default=200_000)
     p.add_argument("--memory-budget-mb", type=int, default=2048)
     p.add_argument("--workdir")
+    p.add_argument("--semantic-ids", action="store_true", help="include the semantic_ids step in every run")
     p.add_argument("--json")
     a = p.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="embed_scale_"))
@@ -121,7 +131,7 @@ def main() -> int:
                "encoder": "STAND-IN (embed_assets.testing.StandInEncoder), not the model", "runs": []}
     print(f"cpu: {results['cpu']}", flush=True)
     for n in a.items:
-        results["runs"].append(bench(n, a.partition_size, a.memory_budget_mb, work))
+        results["runs"].append(bench(n, a.partition_size, a.memory_budget_mb, work, a.semantic_ids))
         if a.json:
             Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

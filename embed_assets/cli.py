@@ -148,7 +148,9 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
             "duplicate_vector_rate", "reconstruction_cosine") if k in sid[0]}
     for node in nodes:
         for m in _meta(res, node):
-            summary["steps"][node] = {k: m[k] for k in ("seconds", "peak_rss_mb") if k in m}
+            # the index's own size beside its step's memory: the index step's peak is the index plus an overhead
+            summary["steps"][node] = {k: m[k] for k in ("seconds", "peak_rss_mb", "bytes", "update_mode")
+                                      if k in m}
     report = _meta(res, "retrieval_report")
     if report:
         summary["report"] = {k: report[0][k] for k in ("ndcg_at_1", "ndcg_at_10", "ndcg_at_100", "recall_at_1",
