@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -34,6 +35,7 @@ from embed_assets.core.shards import (
     norm_stats,
     partition_lock,
     read_manifest,
+    shard_key_of,
     verify_files,
     write_shard,
 )
@@ -72,6 +74,28 @@ def _take(layout: Layout, m: ShardManifest, folder, wanted: set[str], found: dic
         found.setdefault(hashes[r], emb[r].copy())  # a copy: never keep a whole shard alive for one row
 
 
+def previous_holding(layout: Layout, text_hashes: set[str]) -> list[str]:
+    """Partitions whose previous generation holds any of these text hashes, most hits first. previous/ holds only
+    the shards replaced since the last index build (the changed partitions), so this reads O(change), not O(catalog):
+    it finds a text whose partition was re-encoded earlier in the same backfill, which the catalog no longer lists."""
+    folder = layout.previous_dir
+    files = sorted(folder.glob("shard_*.items.parquet")) if text_hashes and folder.exists() else []
+    if not files:
+        return []
+    import duckdb
+    import pyarrow as pa
+
+    try:
+        with duckdb.connect() as con:
+            con.register("_wanted", pa.table({"text_hash": pa.array(sorted(text_hashes), pa.string())}))
+            rows = con.execute("SELECT filename, count(*) AS n FROM read_parquet(?, filename = true) "
+                               "JOIN _wanted USING (text_hash) GROUP BY filename ORDER BY n DESC",
+                               [[str(f) for f in files]]).fetchall()
+    except duckdb.Error:  # a file cleared meanwhile (the index build): those texts are encoded instead
+        return []
+    return [k for k in (shard_key_of(Path(f).name) for f, _ in rows) if k]
+
+
 def reuse_vectors(layout: Layout, version: dict, wanted: set[str], key: str | None = None,
                   say: Callable[[str], None] = log.info, catalog_timeout_s: float = 5.0) -> dict[str, np.ndarray]:
     """Vectors of already-embedded texts (by text hash) from trusted shards of the same embedding version.
@@ -80,7 +104,9 @@ def reuse_vectors(layout: Layout, version: dict, wanted: set[str], key: str | No
        ancestors' (a split's parent moved to previous/): O(depth) shards.
     2. Texts still missing: the catalog's items table, by text hash (an indexed lookup of exactly those hashes), for
        the same text in another partition; the shards that hold them are read, nothing else. A busy catalog skips this
-       step (those texts are encoded instead; never wrong, only slower)."""
+       step (those texts are encoded instead; never wrong, only slower).
+    3. Texts still missing: other partitions' previous generation (`previous_holding`), for a text whose partition
+       was re-encoded before this one in the same backfill; so the order partitions run in does not matter."""
     found: dict[str, np.ndarray] = {}
     if not wanted:
         return found
@@ -110,6 +136,17 @@ def reuse_vectors(layout: Layout, version: dict, wanted: set[str], key: str | No
             continue
         if m is not None and _same_version(m, version):
             _take(layout, m, None, wanted, found, say)
+        if len(found) == len(wanted):
+            return found
+    for k in previous_holding(layout, wanted - set(found)):
+        if k in keys:
+            continue
+        try:
+            m = read_manifest(layout, k, layout.previous_dir)
+        except ShardError:
+            continue
+        if m is not None and _same_version(m, version):
+            _take(layout, m, layout.previous_dir, wanted, found, say)
         if len(found) == len(wanted):
             break
     return found

@@ -50,3 +50,45 @@ def test_in_place_update_equals_a_rebuild(tmp_path, encoder):
     assert [[ids[j] for j in row] for row in r1] == [[ids2[j] for j in row] for row in r2]
     ranges = manifest["partition_ranges"]
     assert sum(c for _, c in ranges.values()) == len(ids) == manifest["n_items"]
+
+
+def _vector_of(layout, item_id):
+    from embed_assets.core.shards import list_manifests, load_verified
+
+    for m in list_manifests(layout):
+        ids, emb = load_verified(layout, m)
+        if item_id in ids:
+            return emb[ids.index(item_id)]
+    raise KeyError(item_id)
+
+
+def test_reuse_across_partitions_whatever_order_they_run_in(tmp_path, encoder):
+    """Item a (partition X) is edited; a new item b (partition Y) takes a's old text. Whether X is re-encoded before
+    Y (a's old vector then lives only in X's previous generation) or after (still in X's current shard), b re-uses
+    that very vector and encodes nothing."""
+    from embed_assets.core.partitioning import id_hash, leaf_of_key
+
+    def partition_of(layout, item_id):
+        return next(p["partition"] for p in load_partitions(layout)
+                    if leaf_of_key(p["partition"]).holds(id_hash(item_id)))
+
+    docs = sample_docs(120)
+    a = docs[3]
+    got = {}
+    for order in ("edited_first", "new_first"):
+        corpus = write_jsonl(tmp_path / order / "corpus.jsonl", docs)
+        layout = Layout.at(tmp_path / order / "home")
+        _materialize(layout, corpus, encoder)
+        x = partition_of(layout, a["_id"])
+        b_id = next(f"new-{n}" for n in range(1000) if partition_of(layout, f"new-{n}") != x)
+        y = partition_of(layout, b_id)
+        old = _vector_of(layout, a["_id"])
+        edited = [{**d, "title": d["title"] + " (revised)"} if d["_id"] == a["_id"] else d for d in docs]
+        write_jsonl(corpus, edited + [{**a, "_id": b_id}])
+        process_items(layout, [corpus], "_id", ["title"], 40)
+        assert partition_of(layout, a["_id"]) == x and partition_of(layout, b_id) == y  # no split here
+        outcomes = {k: embed_partition(layout, k, encoder) for k in ([x, y] if order == "edited_first" else [y, x])}
+        assert outcomes[x].n_encoded == 1 and outcomes[y].n_encoded == 0, order
+        got[order] = _vector_of(layout, b_id)
+        assert np.array_equal(got[order], old), order
+    assert np.array_equal(got["edited_first"], got["new_first"])
