@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--min-recall-at-100", type=float)
     r.add_argument("--min-ann-recall-at-10", type=float)
     r.add_argument("--norm-tolerance", type=float)
-    r.add_argument("--index-kind", default="flat", choices=["flat", "hnsw"])
+    r.add_argument("--index-kind", default="auto", choices=["auto", "flat", "hnsw"],
+                   help="auto: exact up to 250,000 items, else IVF tuned to --min-ann-recall-at-10 on held-out queries")
     r.add_argument("--device", default="auto")
     r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: the fastest precision that is faithful on this machine: fp16 on CUDA or bf16 autocast "

@@ -51,7 +51,7 @@ class Settings:
     min_ndcg_at_10: Optional[float] = None
     min_recall_at_100: Optional[float] = None
     min_ann_recall_at_10: Optional[float] = None
-    index_kind: str = "flat"
+    index_kind: str = "auto"
     chunking: bool = False
     device: str = "auto"
     precision: str = "auto"

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -68,6 +68,21 @@ class ItemIds(Sequence):
         import pyarrow as pa
 
         return ItemIds(self.arrow.filter(pa.array(keep)))
+
+    def with_holes(self, drop: np.ndarray) -> "ItemIds":
+        """The same positions, dropped ones null (an IVF index keeps its labels: removed rows leave holes)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        return ItemIds(pc.if_else(pa.array(drop), pa.scalar(None, pa.string()), self.arrow))
+
+    def valid_positions(self) -> np.ndarray:
+        """Positions that hold an item (all of them, unless removals left holes)."""
+        import pyarrow.compute as pc
+
+        if self.arrow.null_count == 0:
+            return np.arange(len(self.arrow), dtype=np.int64)
+        return np.flatnonzero(pc.is_valid(self.arrow).to_numpy(zero_copy_only=False))
 
 
 def build_index(vectors: np.ndarray, kind: str = "flat"):
@@ -150,10 +165,46 @@ def load_index(layout: Layout):
                           lambda fh: faiss.read_index(faiss.PyCallbackIOReader(fh.read, 1 << 22)))
     ids = _read_checked(layout.index_ids, manifest["ids_sha256"], layout.index_manifest,
                         lambda fh: ItemIds(pq.read_table(fh).column("item_id")))
+    tuned = manifest.get("tuning") or {}
+    if tuned.get("param"):  # the search knob the tuning chose (also in the file; set again, explicitly)
+        faiss.ParameterSpace().set_index_parameter(index, tuned["param"], tuned["value"])
     return index, ids, manifest
 
 
 IN_PLACE_MAX_CHANGED = 0.5  # past this share of changed partitions a rebuild is as cheap as an update
+MAX_HOLES = 0.25  # an IVF index whose removed positions pass this share of its id map is rebuilt (compacted)
+
+
+def stored_blocks(layout: Layout, manifest: dict[str, Any]):
+    """(positions, vectors) of every indexed shard, one shard at a time, from the shards themselves (checksummed;
+    fp16, the exact values any index was built from): the reference exact search runs over, whatever the index
+    stores (IVF-SQ8/PQ codes are lossy). Raises IndexBuildError when a shard changed since the index was built."""
+    from embed_assets.core.shards import load_verified, read_manifest
+
+    fps = manifest.get("shard_fingerprints") or {}
+    for key, (start, count) in sorted((manifest.get("partition_ranges") or {}).items(), key=lambda kv: kv[1][0]):
+        m = read_manifest(layout, key)
+        if m is None or m.fingerprint != fps.get(key):
+            raise IndexBuildError(f"shard {key} changed since the index was built; re-materialize faiss_index")
+        _, emb = load_verified(layout, m)
+        yield np.arange(start, start + count, dtype=np.int64), emb
+
+
+def exact_search(layout: Layout, manifest: dict[str, Any], queries: np.ndarray, k: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k (scores, index positions) over the indexed shards, streamed (memory: one shard)."""
+    from embed_assets.core.metrics import exact_top_k_blocks
+
+    positions: list[np.ndarray] = []
+
+    def blocks():
+        for pos, emb in stored_blocks(layout, manifest):
+            positions.append(pos)
+            yield emb
+
+    rows, scores = exact_top_k_blocks(blocks(), queries, k)
+    pos_of_row = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
+    return scores, np.where(rows >= 0, pos_of_row[np.maximum(rows, 0)], -1)
 
 
 def _build(layout: Layout, manifests, kind: str):
@@ -172,6 +223,100 @@ def _build(layout: Layout, manifests, kind: str):
         index.add(np.ascontiguousarray(emb, dtype=np.float32))
         del emb, shard_ids
     return index, ItemIds.concat(parts), ranges
+
+
+def _add_shards(index, layout: Layout, manifests, start: int, ids: list, ranges: dict, with_ids: bool) -> int:
+    """Add each shard's vectors (labels = positions from `start` when `with_ids`); returns the next position."""
+    from embed_assets.core.shards import load_verified
+
+    pos = start
+    for m in manifests:
+        shard_ids, emb = load_verified(layout, m)
+        x = np.ascontiguousarray(emb, dtype=np.float32)
+        if with_ids:
+            index.add_with_ids(x, np.arange(pos, pos + len(x), dtype=np.int64))
+        else:
+            index.add(x)
+        ranges[m.partition] = [pos, len(shard_ids)]
+        ids.append(ItemIds(shard_ids))
+        pos += len(shard_ids)
+        del emb, x, shard_ids
+    return pos
+
+
+def _build_ivf(layout: Layout, manifests, structure: dict[str, Any], cfg):
+    """Train an IVF index on a bounded sample of the shards, then add every shard (labels = positions)."""
+    import faiss
+
+    from embed_assets.core.index_tune import centroid_distance, sample_rows, train_ivf
+    from embed_assets.core.shards import load_verified
+
+    picks = sample_rows([m.n_rows for m in manifests], cfg.train_sample, cfg.seed)
+    sample = np.concatenate([load_verified(layout, m)[1][rows].astype(np.float32)
+                             for m, rows in zip(manifests, picks) if len(rows)])
+    t0 = time.perf_counter()
+    index = train_ivf(structure, sample, cfg.seed)
+    # a hashtable direct map: stored vectors can be looked up by label (similar-item queries), and removed
+    faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
+    trained = {"train_sample": int(len(sample)), "train_seconds": time.perf_counter() - t0,
+               "train_centroid_distance": centroid_distance(index, sample)}
+    del sample
+    parts: list = []
+    ranges: dict = {}
+    _add_shards(index, layout, manifests, 0, parts, ranges, with_ids=True)
+    return index, ItemIds.concat(parts), ranges, trained
+
+
+def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[str, str],
+                         structure: dict[str, Any], cfg):
+    """Remove changed partitions' labels from the current IVF index and add the new shards at fresh positions, when
+    the trained structure still fits: the new vectors' mean squared distance to their centroids is within
+    `cfg.drift_ratio` of the training sample's. Returns (index, ids, ranges, trained, how) or (None, why)."""
+    import faiss
+
+    from embed_assets.core.index_tune import centroid_distance
+    from embed_assets.core.shards import load_verified
+
+    try:
+        index, ids, old = load_index(layout)
+    except IndexBuildError:
+        return None, "no trusted index"
+    ranges = old.get("partition_ranges")
+    built = old.get("shard_fingerprints") or {}
+    trained = old.get("trained") or {}
+    if (old.get("kind") != "ivf" or (old.get("structure") or {}).get("factory") != structure["factory"]
+            or old.get("version") != version or not isinstance(ranges, dict) or not trained):
+        return None, "no IVF index of this structure and embedding version"
+    removed = sorted(k for k in ranges if built.get(k) != want.get(k))
+    added = [m for m in manifests if built.get(m.partition) != m.fingerprint]
+    if not removed and not added:
+        return (index, ids, ranges, trained, {"mode": "unchanged", "n_partitions_added": 0, "n_partitions_removed": 0,
+                                              "n_vectors_added": 0, "n_vectors_removed": 0}), ""
+    if len(set(removed) | {m.partition for m in added}) > IN_PLACE_MAX_CHANGED * max(len(manifests), 1):
+        return None, "too many partitions changed"
+    # the drift test, on the new vectors only (a bounded sample of them)
+    fresh = [load_verified(layout, m)[1][:20_000].astype(np.float32) for m in added[:8]]
+    drift = (centroid_distance(index, np.concatenate(fresh)) / trained["train_centroid_distance"]
+             if fresh and trained.get("train_centroid_distance") else 1.0)
+    if drift > cfg.drift_ratio:
+        return None, (f"drift: new vectors sit {drift:.2f}x farther from their centroids than the training sample "
+                      f"(limit {cfg.drift_ratio}); retrained")
+    drop = np.zeros(len(ids), dtype=bool)
+    for k in removed:
+        start, count = ranges[k]
+        drop[start:start + count] = True
+    if drop.any():
+        index.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(drop).astype(np.int64)))
+    parts = [ids.with_holes(drop)]
+    new_ranges = {k: r for k, r in ranges.items() if k not in removed}
+    _add_shards(index, layout, added, len(ids), parts, new_ranges, with_ids=True)
+    ids = ItemIds.concat(parts)
+    if ids.arrow.null_count > MAX_HOLES * len(ids):
+        return None, f"removed positions past {MAX_HOLES:.0%} of the id map: rebuilt to compact it"
+    how = {"mode": "in_place", "n_partitions_added": len(added), "n_partitions_removed": len(removed),
+           "n_vectors_added": sum(m.n_rows for m in added), "n_vectors_removed": int(drop.sum()),
+           "drift_ratio": float(drift)}
+    return (index, ids, new_ranges, trained, how), ""
 
 
 def _update_in_place(layout: Layout, kind: str, version: dict, manifests, want: dict[str, str]):
@@ -228,12 +373,19 @@ def _update_in_place(layout: Layout, kind: str, version: dict, manifests, want: 
 
 
 def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: str = "flat",
-                      tol: float | None = None, catalog_timeout_s: float = 30.0) -> dict[str, Any]:
+                      tol: float | None = None, catalog_timeout_s: float = 30.0, tune_config=None,
+                      queries: Callable[[], tuple[np.ndarray, str]] | None = None) -> dict[str, Any]:
     """Index every current shard, refusing stale, untrusted, mixed-version or failing-norm shards.
 
     When a trusted flat index of the same version exists and few partitions changed, it is updated in place: the
     rows of changed and vanished partitions removed, the new shards' rows added (`update.mode` in the manifest says
     which happened). Otherwise it is rebuilt from the shards.
+
+    `kind="auto"` picks the structure by size and memory budget (`index_tune.choose_structure`: flat up to
+    `flat_max_items`, else IVF), and tunes a non-flat index's search knob on held-out `queries()` (vectors and where
+    they came from) until recall@k against exact search meets the target; the choice, the params, the measured
+    recall, QPS and curve go in the manifest (`structure`, `tuning`). An IVF index is updated in place like a flat one
+    unless the drift test or the holes left by removals call for a retrain (`update.mode`, `update.reason`).
 
     What to index comes from the manifests and the files' checksums alone, never from the catalog. The catalog is
     synced on the way (so it lists the indexed shards), but a busy one (`CatalogLocked` after `catalog_timeout_s`)
@@ -253,19 +405,44 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
         log.warning(f"catalog sync deferred to the next run or `embed-assets verify --repair` ({deferred})")
     if problems:
         raise IndexBuildError("index not built:\n  " + "\n  ".join(problems))
+    from embed_assets.core.index_tune import TuneConfig, choose_structure, tune
+
     version = manifests[0].version if manifests else {}
     want = {m.partition: m.fingerprint for m in manifests}
-    updated = _update_in_place(layout, kind, version, manifests, want)
-    if updated is not None:
-        index, ids, ranges, how = updated
+    cfg = tune_config or TuneConfig()
+    structure = choose_structure(sum(m.n_rows for m in manifests), EMBEDDING_DIM, cfg) if kind == "auto" else \
+        {"kind": kind, "factory": {"flat": "Flat", "hnsw": "HNSW32,Flat"}.get(kind, kind), "why": "asked for"}
+    built_kind, trained, tuning = structure["kind"], None, None
+    if built_kind == "ivf":
+        updated, why = _update_ivf_in_place(layout, version, manifests, want, structure, cfg)
+        if updated is not None:
+            index, ids, ranges, trained, how = updated
+        else:
+            index, ids, ranges, trained = _build_ivf(layout, manifests, structure, cfg)
+            how = {"mode": "rebuild", "reason": why, "n_partitions_added": len(manifests), "n_partitions_removed": 0,
+                   "n_vectors_added": len(ids), "n_vectors_removed": 0}
     else:
-        index, ids, ranges = _build(layout, manifests, kind)
-        how = {"mode": "rebuild", "n_partitions_added": len(manifests), "n_partitions_removed": 0,
-               "n_vectors_added": len(ids), "n_vectors_removed": 0}
+        updated = _update_in_place(layout, built_kind, version, manifests, want)
+        if updated is not None:
+            index, ids, ranges, how = updated
+        else:
+            index, ids, ranges = _build(layout, manifests, built_kind)
+            how = {"mode": "rebuild", "n_partitions_added": len(manifests), "n_partitions_removed": 0,
+                   "n_vectors_added": len(ids), "n_vectors_removed": 0}
+    if built_kind != "flat":
+        q, source = queries() if queries is not None else (None, "")
+        if q is None or not len(q):
+            raise IndexBuildError(f"index not built: a {built_kind} index is tuned on held-out queries, and none "
+                                  "were given (configure labelled queries, or items with a title field)")
+        gt = exact_search(layout, {"partition_ranges": ranges, "shard_fingerprints": want}, q, cfg.k)
+        tuning = {**tune(index, q, gt, cfg), "target": cfg.recall_target, "k": cfg.k, "queries": source,
+                  "n_queries": int(len(q))}
     # No id can sit in two shards: an item's partition is a function of its id (core/partitioning.py) and every
     # shard above was checked to hold exactly its partition's current rows. So no catalog-sized set() is built here.
     build_s = time.perf_counter() - t0
-    meta = {"kind": kind, "faiss_type": type(index).__name__, "metric": "inner_product", "build_seconds": build_s,
+    meta = {"kind": built_kind, "kind_requested": kind, "structure": structure, "trained": trained,
+            "tuning": tuning, "tune_config": cfg.as_dict() if kind == "auto" else None,
+            "faiss_type": type(index).__name__, "metric": "inner_product", "build_seconds": build_s,
             "version": version, "partitions": [m.partition for m in manifests],
             "shard_fingerprints": want, "partition_ranges": ranges, "update": how, "catalog_sync": sync,
             "catalog_deferred": bool(deferred), "catalog_deferred_reason": deferred}

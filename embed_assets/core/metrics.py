@@ -91,6 +91,18 @@ def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nd
     return ids, scores
 
 
+def exact_top_k_blocks(blocks, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k (ids = rows in block order, scores) over vectors given block by block (faiss.contrib's
+    ground truth): memory is one block, whatever the catalog."""
+    import faiss
+    from faiss.contrib.exhaustive_search import knn_ground_truth
+
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    scores, ids = knn_ground_truth(q, (np.ascontiguousarray(b, dtype=np.float32) for b in blocks), k,
+                                   metric_type=faiss.METRIC_INNER_PRODUCT)
+    return ids, scores
+
+
 def latency_ms(index, queries: np.ndarray, k: int = 10, budget_s: float | None = None,
                min_queries: int = 10) -> dict[str, float]:
     """Single-query search latency percentiles in milliseconds, over the queries given or as many as fit in

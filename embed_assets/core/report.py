@@ -12,7 +12,7 @@ import numpy as np
 from embed_assets.core.atomic import atomic_write_json, atomic_write_text
 from embed_assets.core.beir import load_qrels, load_queries
 from embed_assets.core.encoder import Encoder
-from embed_assets.core.index import IndexBuildError, load_index
+from embed_assets.core.index import IndexBuildError, exact_search, load_index
 from embed_assets.core.items import titles_of
 from embed_assets.core.layout import Layout
 from embed_assets.core.metrics import ann_recall_at_k, drop_self, evaluate_run, latency_ms
@@ -22,26 +22,6 @@ def _sample_vectors(index, rows: np.ndarray) -> np.ndarray:
     """The stored vectors of a few rows (never a copy of the whole index)."""
     return np.stack([index.reconstruct(int(r)) for r in rows]).astype(np.float32) if len(rows) else \
         np.zeros((0, index.d), dtype=np.float32)
-
-
-def _stored_blocks(index, block: int = 65_536):
-    """The index's stored vectors, one block at a time (fp32 copies of one block, never of the whole index)."""
-    for i0 in range(0, index.ntotal, block):
-        yield index.reconstruct_n(i0, min(block, index.ntotal - i0))
-
-
-def exact_top_k_streamed(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force top-k (ids, scores) over what the index stores, in blocks (faiss.contrib's ground truth): the
-    reference the index is judged against, independent of its search structure. Memory: one block."""
-    import faiss
-    from faiss.contrib.exhaustive_search import knn_ground_truth
-
-    k_eff = min(k, int(index.ntotal))
-    if len(queries) == 0 or k_eff == 0:
-        return np.zeros((len(queries), k), dtype=np.int64), np.zeros((len(queries), k), dtype=np.float32)
-    scores, ids = knn_ground_truth(np.ascontiguousarray(queries, dtype=np.float32), _stored_blocks(index), k_eff,
-                                   metric_type=faiss.METRIC_INNER_PRODUCT)
-    return ids, scores
 
 
 def evaluate(
@@ -75,7 +55,8 @@ def evaluate(
     exact_index = isinstance(index, faiss.IndexFlat)
     if exact_index:
         n_ann_sample, n_latency = min(n_ann_sample, 100), min(n_latency, 100)
-    sample = np.sort(rng.choice(n, size=min(n_ann_sample, n), replace=False))
+    valid = ids.valid_positions()  # an IVF index updated in place has holes where items were removed
+    sample = np.sort(rng.choice(valid, size=min(n_ann_sample, len(valid)), replace=False))
     sample_vecs = _sample_vectors(index, sample)
 
     report: dict[str, Any] = {
@@ -112,24 +93,25 @@ def evaluate(
     if query_vecs is not None and len(query_vecs):
         ann_q = query_vecs[:n_ann_sample]
         ann_scores, ann = index.search(ann_q, 10)
-        exact, exact_scores = (ann, ann_scores) if exact_index else exact_top_k_streamed(index, ann_q, 10)
+        exact_scores, exact = (ann_scores, ann) if exact_index else exact_search(layout, manifest, ann_q, 10)
         report["ann_query_source"] = "labelled queries (held out)"
     else:
         ann_q = sample_vecs
         ann_scores, ann = index.search(ann_q, 11)
-        exact, exact_scores = (ann, ann_scores) if exact_index else exact_top_k_streamed(index, ann_q, 11)
+        exact_scores, exact = (ann_scores, ann) if exact_index else exact_search(layout, manifest, ann_q, 11)
         ann, ann_scores = drop_self(ann, ann_scores, sample, 10)
         exact, exact_scores = drop_self(exact, exact_scores, sample, 10)
         report["ann_query_source"] = "items, each with itself left out"
     report["ann_recall_at_10"] = ann_recall_at_k(ann, ann_scores, exact, exact_scores, 10)
     report["ann_sample"] = int(len(ann_q))
-    report["ann_ground_truth"] = "the flat index itself (exact search)" if exact_index else "brute force, streamed"
+    report["ann_ground_truth"] = ("the flat index itself (exact search)" if exact_index
+                                  else "brute force over the shards, streamed")
     if query_vecs is None:
         query_vecs = sample_vecs
 
     report["latency_ms"] = latency_ms(index, query_vecs[:n_latency], k=10, budget_s=latency_budget_s)
 
-    picks = rng.choice(n, size=min(n_smoke, n), replace=False)
+    picks = rng.choice(valid, size=min(n_smoke, len(valid)), replace=False)
     _, nbs = index.search(_sample_vectors(index, picks), 6)
     found = [(ids[i], [ids[j] for j in nb if j >= 0 and j != i][:5]) for i, nb in zip(picks, nbs)]
     titles = titles_of(layout, [x for item, nb in found for x in (item, *nb)])

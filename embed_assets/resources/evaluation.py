@@ -10,9 +10,18 @@ class EvalSettings(dg.ConfigurableResource):
 
     queries_path: Optional[str] = None
     qrels_path: Optional[str] = None
-    index_kind: str = "flat"  # flat (exact) or hnsw
+    index_kind: str = "auto"  # auto (flat up to flat_max_items, else IVF tuned to the recall target), flat or hnsw
+    flat_max_items: int = 250_000
+    index_memory_budget_mb: int = 0  # the index's bytes; 0 = none (IVF-Flat); tighter budgets pick SQ8, then PQ
+    n_tune_queries: int = 500  # held-out queries the auto index is tuned on (labelled queries, else item titles)
     n_ann_sample: int = 1000
     n_latency_queries: int = 200
+
+    def tune_config(self, recall_target: float):
+        from embed_assets.core.index_tune import TuneConfig
+
+        return TuneConfig(recall_target=recall_target, flat_max_items=self.flat_max_items,
+                          memory_budget_mb=self.index_memory_budget_mb, n_queries=self.n_tune_queries)
 
 
 class QualityThresholds(dg.ConfigurableResource):
