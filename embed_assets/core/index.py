@@ -306,7 +306,8 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
         start, count = ranges[k]
         drop[start:start + count] = True
     if drop.any():
-        index.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(drop).astype(np.int64)))
+        gone = np.ascontiguousarray(np.flatnonzero(drop).astype(np.int64))
+        index.remove_ids(faiss.IDSelectorArray(len(gone), faiss.swig_ptr(gone)))  # what a hashtable map accepts
     parts = [ids.with_holes(drop)]
     new_ranges = {k: r for k, r in ranges.items() if k not in removed}
     _add_shards(index, layout, added, len(ids), parts, new_ranges, with_ids=True)

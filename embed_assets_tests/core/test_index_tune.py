@@ -1,0 +1,69 @@
+"""The auto index: structure chosen by size and budget, tuned on held-out queries, updated in place (IVF) unless
+the drift test or the holes call for a retrain."""
+
+import numpy as np
+
+from embed_assets.core.embed import embed_partition
+from embed_assets.core.index import build_from_shards, exact_search, load_index
+from embed_assets.core.index_tune import TuneConfig, choose_structure, held_out_queries, measure, n_lists
+from embed_assets.core.items import load_partitions, process_items
+from embed_assets.core.layout import Layout
+from embed_assets_tests.conftest import sample_docs, write_jsonl
+
+
+def test_structure_follows_size_and_memory_budget():
+    cfg = TuneConfig()
+    assert choose_structure(250_000, 384, cfg)["kind"] == "flat"
+    ivf = choose_structure(1_000_000, 384, cfg)
+    assert ivf["factory"] == "IVF4096,Flat" and "4 sqrt(n)" in ivf["why"]
+    # a budget below the fp32 vectors (1,465 MB) picks 8-bit codes (366 MB), then PQ (46 MB)
+    assert choose_structure(1_000_000, 384, TuneConfig(memory_budget_mb=1_000))["codec"] == "SQ8"
+    assert choose_structure(1_000_000, 384, TuneConfig(memory_budget_mb=100))["codec"] == "PQ48"
+    assert n_lists(10_000_000, cfg) == 4096  # capped by what 160,000 training points can train (39 per list)
+    assert n_lists(300_000, TuneConfig(train_sample=1_000_000)) == 2048
+
+
+def _embed_all(layout, corpus, encoder):
+    process_items(layout, [corpus], "_id", ["title"], 30)  # 16 partitions: a 3-item change touches few
+    for p in load_partitions(layout):
+        embed_partition(layout, p["partition"], encoder)
+
+
+def test_ivf_is_tuned_updated_in_place_and_retrained_on_drift(tmp_path, encoder):
+    docs = sample_docs(480)
+    corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", docs)
+    layout = Layout.at(tmp_path / "home")
+    _embed_all(layout, corpus, encoder)
+    cfg = TuneConfig(flat_max_items=100, n_queries=60, recall_target=0.95)
+    queries = lambda: held_out_queries(layout, encoder, 60)  # noqa: E731  (titles; here they are the texts)
+    first = build_from_shards(layout, load_partitions(layout), "auto", tune_config=cfg, queries=queries)
+    assert first["kind"] == "ivf" and first["update"]["mode"] == "rebuild" and first["tuning"]["met"]
+    assert first["trained"]["train_sample"] == 480
+
+    docs[5] = {**docs[5], "title": "An edited title about protein folding"}
+    gone = docs.pop(30)["_id"]
+    docs.append({"_id": "new-item", "title": "A new item about gene expression", "text": ""})
+    write_jsonl(corpus, docs)
+    _embed_all(layout, corpus, encoder)
+    second = build_from_shards(layout, load_partitions(layout), "auto", tune_config=cfg, queries=queries)
+    how = second["update"]
+    assert how["mode"] == "in_place" and how["n_vectors_removed"] > 0 and how["drift_ratio"] < cfg.drift_ratio, how
+    index, ids, manifest = load_index(layout)
+    live = [ids[p] for p in ids.valid_positions()]
+    assert sorted(live) == sorted(d["_id"] for d in docs) and gone not in live and "new-item" in live
+    assert len(ids) > len(live)  # removed partitions left holes; their labels are never answered
+    q, _ = queries()
+    gt = exact_search(layout, manifest, q, 10)
+    assert measure(index, q, gt, 10)["recall"] >= 0.95 and second["tuning"]["met"]
+    scores, labels = index.search(np.ascontiguousarray(q[:5]), 10)
+    assert all(ids[int(lab)] is not None for lab in labels.ravel() if lab >= 0)
+
+    # new vectors that no longer fit the trained centroids (a drift limit below any real ratio): retrained
+    docs.append({"_id": "another", "title": "Yet another new item", "text": ""})
+    write_jsonl(corpus, docs)
+    _embed_all(layout, corpus, encoder)
+    strict = TuneConfig(flat_max_items=100, n_queries=60, drift_ratio=0.01)
+    third = build_from_shards(layout, load_partitions(layout), "auto", tune_config=strict, queries=queries)
+    assert third["update"]["mode"] == "rebuild" and third["update"]["reason"].startswith("drift")
+    _, ids3, _ = load_index(layout)
+    assert len(ids3) == len(docs) and ids3.arrow.null_count == 0  # a rebuild compacts
