@@ -92,6 +92,8 @@ def process_items(
         "format": 2, "target_rows": int(partition_size), "leaves": result.leaves,
         "partitions": result.partitions, "source": source,
         "n_items": result.n_items, "splits": [[p, kids] for p, kids in result.splits],
+        "n_rows_read": int(result.n_rows_read), "n_rejected": int(result.n_rejected),
+        "reject_counts": dict(result.reject_counts),
     })
     for key in result.removed:  # emptied partitions: their files go once the state no longer names them
         layout.partition_file(key).unlink(missing_ok=True)

@@ -74,11 +74,12 @@ def evaluate(
         "mrr_at_10": None,
     }
 
-    query_vecs = None
+    query_vecs, qrels, queries, query_texts = None, None, {}, []
     if queries_path and qrels_path:
         qrels = load_qrels(qrels_path)
         queries = load_queries(queries_path, only=set(qrels))
         qids = sorted(queries)
+        query_texts = [queries[q] for q in qids]
         qv, _ = encoder.encode([queries[q] for q in qids])
         query_vecs = np.ascontiguousarray(qv, dtype=np.float32)
         _, top = index.search(query_vecs, min(100, n))
@@ -118,6 +119,28 @@ def evaluate(
     smoke = [{"item_id": item, "title": titles.get(item, ""),
               "neighbours": [{"item_id": j, "title": titles.get(j, "")} for j in nb]} for item, nb in found]
     report["smoke_test"] = smoke
+
+    # Monitoring (core/monitoring.py), each bounded by a sample or a budget.
+    from embed_assets.core import monitoring
+
+    report["coverage"] = monitoring.coverage(layout, len(valid))
+    report["drift"] = monitoring.vector_drift(layout, index, ids, manifest.get("version") or {}, seed)
+    texts = query_texts or [t for t in titles_of(layout, [ids[int(r)] for r in sample[:n_latency]]).values() if t]
+    report["query_latency_ms"] = monitoring.query_latency(index, encoder, texts[:n_latency],
+                                                          budget_s=latency_budget_s / 2)
+    report["field_to_item"] = monitoring.field_to_item(layout, index, ids, encoder, seed=seed)
+    report["tfidf_ndcg_at_10"] = None
+    if qrels is not None:
+        report["tfidf"] = monitoring.tfidf_labelled(layout, queries, qrels, len(valid))
+        report["tfidf_ndcg_at_10"] = report["tfidf"].get("ndcg_at_10")
+    tuning = manifest.get("tuning") or {}
+    report["index"] = {"type": manifest.get("faiss_type"), "kind": manifest.get("kind"),
+                       "structure": (manifest.get("structure") or {}).get("factory"),
+                       "params": {tuning["param"]: tuning["value"]} if tuning.get("param") else {},
+                       "recall_at_10": tuning.get("recall", 1.0 if exact_index else None),
+                       "qps": tuning.get("qps"), "bytes": manifest.get("index_bytes"),
+                       "build_seconds": manifest.get("build_seconds"),
+                       "update_mode": (manifest.get("update") or {}).get("mode")}
     report["seconds"] = time.perf_counter() - t0
     return report
 

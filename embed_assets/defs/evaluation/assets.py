@@ -8,6 +8,19 @@ from embed_assets.defs.metadata import md_table
 from embed_assets.resources import EncoderResource, EvalSettings, HomeResource
 
 
+def _monitoring_metadata(report: dict) -> dict:
+    """Coverage, drift, whole-query latency, the TF-IDF baseline and the label-free task as plottable floats (a key
+    is present only once its value exists, and then always a float)."""
+    cov, drift = report.get("coverage") or {}, report.get("drift") or {}
+    qlat, f2i = report.get("query_latency_ms") or {}, report.get("field_to_item") or {}
+    pairs = {"vector_coverage": cov.get("vector_coverage"), "drift_mean_cosine": drift.get("mean_cosine"),
+             "drift_centroid_shift": drift.get("centroid_shift"), "query_p50_ms": qlat.get("p50"),
+             "query_p95_ms": qlat.get("p95"), "query_p99_ms": qlat.get("p99"),
+             "tfidf_ndcg_at_10": report.get("tfidf_ndcg_at_10"), "title_to_item_recall_at_10": f2i.get("recall_at_10"),
+             "tfidf_title_to_item_recall_at_10": f2i.get("tfidf_recall_at_10")}
+    return {k: float(v) for k, v in pairs.items() if v is not None}
+
+
 @dg.asset(deps=[faiss_index], group_name="evaluation", kinds={"markdown"})
 def retrieval_report(context: dg.AssetExecutionContext, home: HomeResource, encoder: EncoderResource,
                      retrieval: EvalSettings) -> dg.MaterializeResult:
@@ -32,6 +45,7 @@ def retrieval_report(context: dg.AssetExecutionContext, home: HomeResource, enco
             "latency_p50_ms": lat["p50"],
             "latency_p95_ms": lat["p95"],
             "latency_p99_ms": lat["p99"],
+            **_monitoring_metadata(report),
             **usage.as_metadata(),
             "metrics": md_table(["metric", "value"], [(k, report[k] if report[k] is not None else "—") for k in keys]),
             "smoke_test": md_table(["item", "nearest neighbours"],
