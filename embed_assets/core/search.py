@@ -78,6 +78,16 @@ class Hit:
         return {"item_id": self.item_id, "score": self.score, "title": self.title}
 
 
+@dataclass(frozen=True)
+class Result:
+    """What a query returned: the hits, the seconds spent encoding and searching (titles not included: what the
+    server's latency histogram records) and the index that answered (the one the query took at its start)."""
+
+    hits: list[Hit]
+    seconds: float
+    index: "LoadedIndex"
+
+
 # -- which index is current -------------------------------------------------------------------------------------
 
 def current_index_stamp(layout: Layout) -> tuple | None:
@@ -351,7 +361,9 @@ class Searcher:
         self.n_rejected += 1
         if keep is not None:
             msg = f"{msg} (still serving index {keep.sha256[:SHA_PREFIX]}, {keep.n_items} items)"
-        log.warning("index not loaded: %s", msg)
+        # nothing served yet and nothing refused: the caller gets NoIndex with the message; a log line is for servers
+        log.log(logging.WARNING if keep is not None or reason == "version" else logging.INFO,
+                "index not loaded: %s", msg)
         if self.on_reject:
             self.on_reject(reason, msg)
 
@@ -364,10 +376,10 @@ class Searcher:
     # -- queries ------------------------------------------------------------------------------------------------
     def search(self, text: str, k: int = DEFAULT_K) -> list[Hit]:
         """The k items nearest to `text` (cosine), best first."""
-        return self.search_timed(text, k)[0]
+        return self.search_result(text, k).hits
 
-    def search_timed(self, text: str, k: int = DEFAULT_K) -> tuple[list[Hit], float]:
-        """`search`, and the seconds spent encoding and searching (not titles): what the server's histogram records."""
+    def search_result(self, text: str, k: int = DEFAULT_K) -> "Result":
+        """`search`, with the seconds spent encoding and searching and the index that answered."""
         k = check_k(k)
         text = check_query(text)
         cur = self.current()
@@ -375,13 +387,14 @@ class Searcher:
         vec = self.encode_query(text)
         scores, rows = cur.index.search(vec.reshape(1, -1), min(k, cur.n_items))
         seconds = time.perf_counter() - t0
-        return self._hits(cur, rows[0], scores[0], k), seconds
+        return Result(self._hits(cur, rows[0], scores[0], k), seconds, cur)
 
     def similar(self, item_id: str, k: int = DEFAULT_K) -> list[Hit]:
         """The k items nearest to `item_id`'s stored vector, the item itself left out."""
-        return self.similar_timed(item_id, k)[0]
+        return self.similar_result(item_id, k).hits
 
-    def similar_timed(self, item_id: str, k: int = DEFAULT_K) -> tuple[list[Hit], float]:
+    def similar_result(self, item_id: str, k: int = DEFAULT_K) -> "Result":
+        """`similar`, with the seconds spent looking up and searching and the index that answered."""
         k = check_k(k)
         if not isinstance(item_id, str) or not item_id:
             raise QueryError("give an item id")
@@ -396,7 +409,7 @@ class Searcher:
         keep = rows[0] != row
         rows, scores = rows[0][keep][:k], scores[0][keep][:k]
         seconds = time.perf_counter() - t0
-        return self._hits(cur, rows, scores, k), seconds
+        return Result(self._hits(cur, rows, scores, k), seconds, cur)
 
     def _hits(self, cur: LoadedIndex, rows: np.ndarray, scores: np.ndarray, k: int) -> list[Hit]:
         found = [(cur.ids[int(r)], float(s)) for r, s in zip(rows, scores) if r >= 0][:k]
