@@ -39,6 +39,7 @@ class Metrics:
       e.g. /items/{item_id}/similar, or "unmatched"), whatever the outcome;
     - embed_assets_http_request_seconds{endpoint}: whole-request latency, as the app saw it;
     - embed_assets_search_seconds{endpoint}: encode + search only, for /search and /similar;
+    - embed_assets_encoder_wait_seconds: how long /search queries queued for the encoder (one encode at a time);
     - embed_assets_query_cache_total{result="hit"|"miss"}, embed_assets_index_items,
       embed_assets_index_swaps_total, embed_assets_index_rejected_total: read from the searcher when scraped."""
 
@@ -53,6 +54,9 @@ class Metrics:
         self.search_seconds = Histogram("embed_assets_search_seconds",
                                         "Encode + search seconds of a query (titles not included)",
                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.encoder_wait_seconds = Histogram("embed_assets_encoder_wait_seconds",
+                                              "Seconds a query waited for the encoder (one encode at a time)",
+                                              buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_SearcherCollector(searcher))
 
     def render(self) -> tuple[bytes, str]:
@@ -198,6 +202,7 @@ def create_app(searcher: Searcher, reload_check_s: float = 1.0, warm: bool = Tru
             raise QueryError(f"give the text to search for as ?q=... (1 to {MAX_QUERY_CHARS:,} characters)")
         result = searcher.search_result(q, k)
         metrics.search_seconds.labels("/search").observe(result.seconds)
+        metrics.encoder_wait_seconds.observe(result.encoder_wait_seconds)
         return JSONResponse(_answer(result, query=q, k=k))
 
     @app.get("/items/{item_id:path}/similar")

@@ -80,12 +80,14 @@ class Hit:
 
 @dataclass(frozen=True)
 class Result:
-    """What a query returned: the hits, the seconds spent encoding and searching (titles not included: what the
-    server's latency histogram records) and the index that answered (the one the query took at its start)."""
+    """What a query returned: the hits, the seconds spent encoding and searching (titles and the wait for the encoder
+    not included: what the server's search histogram records), the index that answered (the one the query took at
+    its start) and the seconds it waited for the encoder (busy with other queries: one encode at a time)."""
 
     hits: list[Hit]
     seconds: float
     index: "LoadedIndex"
+    encoder_wait_seconds: float = 0.0
 
 
 # -- which index is current -------------------------------------------------------------------------------------
@@ -280,13 +282,20 @@ class Searcher:
 
     def encode_query(self, text: str) -> np.ndarray:
         """The query's unit vector (1 x dim, float32), from the cache when it was encoded within the TTL."""
+        return self._encode_timed(text)[0]
+
+    def _encode_timed(self, text: str) -> tuple[np.ndarray, float]:
+        """(vector, seconds spent waiting for the encoder, which encodes one query at a time)."""
         vec = self.cache.get(text)
+        wait = 0.0
         if vec is None:
             enc = self.encoder
+            t0 = time.perf_counter()
             with self._encoder_lock:
+                wait = time.perf_counter() - t0
                 vec = np.ascontiguousarray(enc.encode([text])[0], dtype=np.float32)
             self.cache.put(text, vec)
-        return vec
+        return vec, wait
 
     # -- the current index --------------------------------------------------------------------------------------
     def current(self) -> LoadedIndex:
@@ -384,10 +393,10 @@ class Searcher:
         text = check_query(text)
         cur = self.current()
         t0 = time.perf_counter()
-        vec = self.encode_query(text)
+        vec, wait = self._encode_timed(text)
         scores, rows = cur.index.search(vec.reshape(1, -1), min(k, cur.n_items))
-        seconds = time.perf_counter() - t0
-        return Result(self._hits(cur, rows[0], scores[0], k), seconds, cur)
+        seconds = time.perf_counter() - t0 - wait
+        return Result(self._hits(cur, rows[0], scores[0], k), seconds, cur, wait)
 
     def similar(self, item_id: str, k: int = DEFAULT_K) -> list[Hit]:
         """The k items nearest to `item_id`'s stored vector, the item itself left out."""
