@@ -42,7 +42,7 @@ from embed_assets.core.text import clean_text
 
 log = logging.getLogger(__name__)
 
-MAX_QUERY_CHARS = 2_000  # longer texts are refused; the model reads 256 tokens (~1,000 characters) anyway
+MAX_QUERY_CHARS = 2_000  # longer texts are refused; the model reads only its first 256 tokens anyway
 MAX_K = 1_000
 DEFAULT_K = 10
 DEFAULT_CACHE_TTL_S = 300.0
@@ -135,7 +135,7 @@ class LoadedIndex:
         return int(self.index.ntotal)
 
     def row_of(self, item_id: str) -> int | None:
-        """The item's row, or None. The id -> row dict is built on the first call (about 100 bytes an item), so
+        """The item's row, or None. The id -> row dict is built on the first call (memory grows with the catalog), so
         an index that only answers text queries never pays for it."""
         if self._rows is None:
             with self._rows_lock:
@@ -243,10 +243,11 @@ class Searcher:
     on the first text query. The index loads on the first call that needs it, or on `refresh()`.
 
     `threads` (default 1) is the torch and FAISS thread count of this process (both are process-wide settings;
-    None leaves them alone). One query is a few dozen tokens and one vector: a single thread encodes it in ~5-7 ms
-    and scans 200,000 vectors in ~11 ms, where two threads on a busy 2-core machine took 480-770 ms and ~30 ms,
-    waiting for each other (`benchmarks/results/serve_load.txt`). Concurrency comes from serving requests in
-    parallel, not from splitting one query."""
+    None leaves them alone). One query is a few dozen tokens and one vector, too small to split: measured on this
+    project's 2-core AMD EPYC while another job kept it busy (2026-11-24), `Encoder(num_threads=1).encode([title])`
+    took 5-9 ms and 2 threads 470-780 ms; FAISS `IndexFlatIP` search of one query over 200,000 vectors took 10-12 ms
+    with 1 OpenMP thread and 28-36 ms with 2 (the threads wait for each other on busy cores). Concurrency comes from
+    serving requests in parallel, not from splitting one query."""
 
     def __init__(self, home: str | os.PathLike, encoder=None, cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
                  cache_size: int = DEFAULT_CACHE_SIZE, titles: bool = True, threads: int | None = 1):
