@@ -84,7 +84,7 @@ class _SearcherCollector:
         yield CounterMetricFamily("embed_assets_index_rejected",
                                   "Index loads refused (other embedding version) or failed (checksums, I/O)",
                                   value=s.n_rejected)
-        cur = s._current
+        cur = s.served
         yield GaugeMetricFamily("embed_assets_index_items", "Items in the served index (0: none loaded)",
                                 value=cur.n_items if cur is not None else 0)
 
@@ -152,7 +152,7 @@ def create_app(searcher: Searcher, reload_check_s: float = 1.0, warm: bool = Tru
                 except Exception:
                     log.exception("encoder warm-up failed; the first query will try again")
             await anyio.to_thread.run_sync(warm_up)
-            cur = searcher._current
+            cur = searcher.served
             log.info("ready: %s", f"index {cur.sha256[:SHA_PREFIX]}, {cur.n_items:,} items" if cur else
                      f"no index yet ({searcher.last_error}); checking every {reload_check_s:g} s")
         watcher = searcher.watch(reload_check_s) if reload_check_s and reload_check_s > 0 else None

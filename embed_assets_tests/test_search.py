@@ -4,7 +4,6 @@ Python API, the CLI and the HTTP server on loopback; bad requests; an index rebu
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess

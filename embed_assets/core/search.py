@@ -299,6 +299,11 @@ class Searcher:
         return vec, wait
 
     # -- the current index --------------------------------------------------------------------------------------
+    @property
+    def served(self) -> LoadedIndex | None:
+        """The index queries use now, or None if none is loaded yet (never loads anything)."""
+        return self._current
+
     def current(self) -> LoadedIndex:
         """The index queries use now (loaded on first use). Raises NoIndex when none could be loaded."""
         cur = self._current
@@ -364,7 +369,8 @@ class Searcher:
             self._threads_set = True
 
     def _query_version(self) -> dict | None:
-        return self.encoder.version  # cheap: no model load (revision and dim come from the package files)
+        # cheap: no model load (revision and dim come from the package files); an encoder without one is not checked
+        return getattr(self.encoder, "version", None)
 
     def _reject(self, reason: str, msg: str, keep: LoadedIndex | None) -> None:
         self.last_error = msg
@@ -393,6 +399,8 @@ class Searcher:
         k = check_k(k)
         text = check_query(text)
         cur = self.current()
+        if cur.n_items == 0:
+            return Result([], 0.0, cur)
         t0 = time.perf_counter()
         vec, wait = self._encode_timed(text)
         scores, rows = cur.index.search(vec.reshape(1, -1), min(k, cur.n_items))
