@@ -140,6 +140,47 @@ def test_swap_to_a_new_index_and_refuse_another_embedding_version(built, tmp_pat
         Searcher(tmp_path / "empty").search("cells", 3)
 
 
+def test_ivf_index_with_holes_left_by_removals(tmp_path):
+    """Labels are positions in the id map: an IVF index updated in place by removal keeps its labels and leaves null
+    ids behind (hashtable direct map, so stored vectors are still found by label). Searches and similar-item queries
+    never return a hole, and a removed item is unknown."""
+    import faiss
+    import pyarrow as pa
+
+    from embed_assets.core.index import ItemIds
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    quantizer = faiss.IndexFlatIP(384)
+    index = faiss.IndexIVFFlat(quantizer, 384, 4, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    index.add_with_ids(x, np.arange(400, dtype=np.int64))
+    index.nprobe = 4  # all lists: exact
+    gone = np.arange(0, 400, 3, dtype=np.int64)
+    index.remove_ids(faiss.IDSelectorArray(len(gone), faiss.swig_ptr(gone)))
+    ids = [None if i % 3 == 0 else f"item-{i}" for i in range(400)]
+    version = {"model_id": "test", "model_revision": "r"}
+    layout = Layout.at(tmp_path / "h")
+    save_index(layout, index, ItemIds(pa.array(ids, pa.string())), {"kind": "ivf", "version": version})
+
+    class FixedEncoder:  # the query "text" is the vector of item-1
+        def encode(self, texts):
+            return x[1:2].copy(), None
+
+    FixedEncoder.version = version
+    s = Searcher(layout.home, encoder=FixedEncoder(), titles=False, threads=None)
+    assert s.current().n_items == 400 - len(gone)
+    hits = s.search("anything", k=MAX_K)
+    assert len(hits) == 400 - len(gone) and hits[0].item_id == "item-1"
+    assert all(h.item_id is not None and int(h.item_id.split("-")[1]) % 3 for h in hits)
+    near = s.similar("item-1", k=5)
+    assert [h.item_id for h in near] == [h.item_id for h in hits[1:6]]
+    with pytest.raises(UnknownItem):
+        s.similar("item-0", k=5)
+
+
 def test_ttl_cache_expires_and_stays_bounded():
     now = [0.0]
     c = TTLCache(maxsize=2, ttl_s=10, clock=lambda: now[0])

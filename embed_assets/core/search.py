@@ -140,7 +140,8 @@ class LoadedIndex:
         if self._rows is None:
             with self._rows_lock:
                 if self._rows is None:
-                    self._rows = {item: row for row, item in enumerate(self.ids.arrow.to_pylist())}
+                    self._rows = {item: row for row, item in enumerate(self.ids.arrow.to_pylist())
+                                  if item is not None}
         return self._rows.get(item_id)
 
     def describe(self) -> dict[str, Any]:
@@ -168,8 +169,10 @@ def load_current_index(layout: Layout, loaded: LoadedIndex | None = None) -> Loa
     except (OSError, ValueError, RuntimeError, KeyError) as e:  # faiss raises RuntimeError on a damaged file
         raise NoIndex(f"{layout.index_dir}: could not load the index ({type(e).__name__}: {e}); re-materialize "
                       "faiss_index (embed-assets run)") from e
-    if len(ids) != int(index.ntotal):
-        raise NoIndex(f"{layout.index_dir}: the index holds {index.ntotal} vectors but its id map {len(ids)}; "
+    # Labels are positions in the id map. A flat index holds every position; an index updated in place by removal
+    # may leave holes (null ids, never returned by a search), so the map can be longer than the index, never shorter.
+    if len(ids) < int(index.ntotal):
+        raise NoIndex(f"{layout.index_dir}: the index holds {index.ntotal} vectors but its id map only {len(ids)}; "
                       "re-materialize faiss_index")
     return LoadedIndex(index=index, ids=ids, manifest=manifest, stamp=stamp)
 
@@ -430,7 +433,7 @@ class Searcher:
         return Result(self._hits(cur, rows, scores, k), seconds, cur)
 
     def _hits(self, cur: LoadedIndex, rows: np.ndarray, scores: np.ndarray, k: int) -> list[Hit]:
-        found = [(cur.ids[int(r)], float(s)) for r, s in zip(rows, scores) if r >= 0][:k]
+        found = [(i, float(s)) for r, s in zip(rows, scores) if r >= 0 and (i := cur.ids[int(r)]) is not None][:k]
         titles = self._titles(cur, [i for i, _ in found])
         return [Hit(item_id=i, score=s, title=titles.get(i, "")) for i, s in found]
 
