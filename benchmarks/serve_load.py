@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -127,6 +128,7 @@ def main() -> int:
                         "the rest repeat catalog titles and hit the query cache once seen (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--keep", action="store_true", help="keep the temp folder (HOME, server and pipeline logs)")
     a = p.parse_args()
     if a.home and a.promote_at is not None:
         p.error("--promote-at needs the benchmark's own catalog: leave out --home")
@@ -346,6 +348,10 @@ def main() -> int:
               f"{','.join(w['index_sha256'])}")
     if errors:
         print("first errors:\n  " + "\n  ".join(errors[:10]))
+    if a.keep or o["failures"]:
+        print(f"kept {tmp} (HOME, serve.log, log.txt)", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0 if not o["failures"] else 1
 
 
