@@ -4,6 +4,8 @@
     embed-assets encode --input FILE.jsonl --text-field F --output OUT.npy
     embed-assets verify --home DIR [--repair]
     embed-assets export --format grid|lcrec|parquet --out DIR [--home DIR]
+    embed-assets search "TEXT" [-k 10] [--home DIR] [--json]
+    embed-assets serve [--home DIR] [--host 127.0.0.1] [--port 8000] [--cache-ttl-s 300]
 """
 
 from __future__ import annotations
@@ -363,6 +365,61 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(a: argparse.Namespace) -> int:
+    """The k items nearest to a text, from HOME's current index (core/search.py)."""
+    from embed_assets.core.search import NoIndex, QueryError, Searcher
+
+    try:
+        result = Searcher(a.home, cache_ttl_s=0).search_result(a.text, a.k)
+    except (QueryError, NoIndex) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps([h.as_dict() for h in result.hits], ensure_ascii=False, indent=2))
+        return 0
+    idx = result.index
+    print(f"index {idx.sha256[:12]} ({idx.n_items:,} items), {result.seconds * 1e3:.1f} ms encode + search")
+    for rank, h in enumerate(result.hits, 1):
+        print(f"{rank:>4}  {h.score:.4f}  {h.item_id}  {h.title}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """The search API over HTTP (embed_assets/serve.py)."""
+    from embed_assets.serve import serve
+
+    return serve(a.home, host=a.host, port=a.port, cache_ttl_s=a.cache_ttl_s, cache_size=a.cache_size,
+                 reload_check_s=a.reload_check_s, threads=a.threads, log_level=a.log_level, access_log=a.access_log)
+
+
+def _add_search_parsers(sub) -> None:
+    """`search` and `serve`."""
+    from embed_assets.core.search import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_TTL_S, MAX_K, MAX_QUERY_CHARS
+
+    q = sub.add_parser("search", help="the items nearest to a text, from the current index")
+    q.add_argument("text", help=f"what to search for (1 to {MAX_QUERY_CHARS:,} characters)")
+    q.add_argument("-k", "--k", type=int, default=10, help=f"how many items (1 to {MAX_K:,}; default 10)")
+    q.add_argument("--home", default=home_from_env())
+    q.add_argument("--json", action="store_true", help='print a JSON list of {"item_id", "score", "title"}')
+    q.set_defaults(fn=cmd_search)
+    w = sub.add_parser("serve", help="serve /search, /items/{id}/similar, /healthz and /metrics over HTTP")
+    w.add_argument("--home", default=home_from_env())
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, default=8000)
+    w.add_argument("--cache-ttl-s", type=float, default=DEFAULT_CACHE_TTL_S,
+                   help="seconds a query's vector is cached (default 300; 0 turns the cache off)")
+    w.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE,
+                   help="most query vectors cached (default 10000)")
+    w.add_argument("--reload-check-s", type=float, default=1.0,
+                   help="how often to look for a newer index and swap to it (default 1 s; 0: never)")
+    w.add_argument("--threads", type=int, default=1,
+                   help="torch and FAISS threads (default 1: one query is too small to split; requests run in "
+                        "parallel instead)")
+    w.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    w.add_argument("--access-log", action="store_true", help="log every request (off: /metrics counts them)")
+    w.set_defaults(fn=cmd_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="embed-assets", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -416,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--out", required=True, help="output folder")
     x.add_argument("--name", default="items", help="file name stem (lcrec, parquet)")
     x.set_defaults(fn=cmd_export)
+    _add_search_parsers(sub)
     a = p.parse_args(argv)
     return a.fn(a)
 
