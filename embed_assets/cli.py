@@ -74,7 +74,8 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
     layout = Layout.at(settings.home)
     defs = build_definitions(settings, encoder_resource)
     instance = _instance()
-    summary: dict[str, Any] = {"home": str(layout.home), "items": settings.items, "failures": [], "checks": []}
+    summary: dict[str, Any] = {"home": str(layout.home), "items": settings.items, "failures": [], "checks": [],
+                               "cpu0": time.process_time()}
     if layout.home.exists():
         from embed_assets.core.verify import verify
 
@@ -91,7 +92,8 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
     items_meta = _meta(res, "processed_items")[0]
     summary.update({k: items_meta[k] for k in ("n_items", "n_rows_read", "n_rejected", "n_duplicates")})
     summary["steps"] = {"processed_items": {k: items_meta[k] for k in (
-        "seconds", "peak_rss_mb", "n_partitions_written", "n_partitions_skipped", "rows_per_s")}}
+        "seconds", "cpu_seconds", "peak_rss_mb", "n_partitions_written", "n_partitions_skipped", "rows_per_s")
+        if k in items_meta}}
 
     keys = [p["partition"] for p in load_partitions(layout)]
     # Dynamic partitions live in the instance; a fresh instance needs them registered.
@@ -100,7 +102,7 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
         instance.add_dynamic_partitions(item_partitions.name, missing)
     log(f"[2/3] item_embeddings: {len(keys)} partition(s), {summary['n_items']:,} items")
     n_encoded = n_reused = n_written = 0
-    embed_s, embed_peak = 0.0, 0.0
+    embed_s, embed_cpu, embed_peak = 0.0, 0.0, 0.0
     precisions: list[str] = []  # what ran, over the partitions that encoded something
     probes: list[dict] = []
     embed_job = defs.resolve_job_def("embed_shards_job")
@@ -114,6 +116,7 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
             n_reused += m["n_reused"]
             n_written += not m["skipped_unchanged"]
             embed_s += m["seconds"]
+            embed_cpu += m.get("cpu_seconds", 0.0)
             embed_peak = max(embed_peak, m.get("peak_rss_mb", 0.0))
             if m["n_encoded"] and m.get("precision") and m["precision"] not in precisions:
                 precisions.append(m["precision"])
@@ -127,7 +130,8 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
                 f"{m['items_per_s']:.1f} items/s")
     summary.update(n_encoded=n_encoded, n_reused=n_reused, n_partitions=len(keys), n_partitions_written=n_written,
                    n_partitions_skipped=len(keys) - n_written)
-    summary["steps"]["item_embeddings"] = {"seconds": round(embed_s, 3), "peak_rss_mb": round(embed_peak, 1),
+    summary["steps"]["item_embeddings"] = {"seconds": round(embed_s, 3), "cpu_seconds": round(embed_cpu, 3),
+                                           "peak_rss_mb": round(embed_peak, 1),
                                            "n_partitions_written": n_written,
                                            "n_partitions_skipped": len(keys) - n_written}
     summary.update(_precision_summary(precisions, probes, settings))
@@ -151,7 +155,7 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
     for node in nodes:
         for m in _meta(res, node):
             # the index's own size beside its step's memory: the index step's peak is the index plus an overhead
-            summary["steps"][node] = {k: m[k] for k in ("seconds", "peak_rss_mb", "bytes", "update_mode")
+            summary["steps"][node] = {k: m[k] for k in ("seconds", "cpu_seconds", "peak_rss_mb", "bytes", "update_mode")
                                       if k in m}
     report = _meta(res, "retrieval_report")
     if report:
@@ -235,6 +239,8 @@ def _finish(layout, summary: dict[str, Any], t0: float, log) -> tuple[int, dict[
     from embed_assets.core.atomic import atomic_write_json
 
     summary["seconds"] = round(time.perf_counter() - t0, 2)
+    if "cpu0" in summary:  # the whole run's CPU (this process: every step and Dagster's own work)
+        summary["cpu_seconds"] = round(time.process_time() - summary.pop("cpu0"), 2)
     failed_checks = [c for c in summary["checks"] if not c["passed"]]
     summary["ok"] = not summary["failures"] and not failed_checks
     atomic_write_json(layout.run_summary_json, summary)

@@ -17,10 +17,13 @@ from dataclasses import dataclass
 class Usage:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    cpu_seconds: float = 0.0  # user + system CPU of this process during the step: unlike wall time, barely moved by
+    # other processes competing for the cores
     peak_is_per_step: bool = True
 
     def as_metadata(self) -> dict[str, float]:
-        return {"seconds": round(self.seconds, 3), "peak_rss_mb": round(self.peak_rss_mb, 1)}
+        return {"seconds": round(self.seconds, 3), "cpu_seconds": round(self.cpu_seconds, 3),
+                "peak_rss_mb": round(self.peak_rss_mb, 1)}
 
 
 def _reset_peak() -> bool:
@@ -47,9 +50,10 @@ def peak_rss_mb() -> float:
 def metered():
     """`with metered() as u: ...` then u.seconds and u.peak_rss_mb."""
     u = Usage(peak_is_per_step=_reset_peak())
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         yield u
     finally:
         u.seconds = time.perf_counter() - t0
+        u.cpu_seconds = time.process_time() - c0
         u.peak_rss_mb = peak_rss_mb()
