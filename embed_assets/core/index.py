@@ -172,6 +172,18 @@ def load_index(layout: Layout):
 
 
 IN_PLACE_MAX_CHANGED = 0.5  # past this share of changed partitions a rebuild is as cheap as an update
+def in_place_memory_limit() -> int:
+    """Bytes an in-place update may hold at once: 80% of the memory available now (Linux MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 * 8 // 10
+    except OSError:
+        pass
+    return 8 << 30
+
+
 MAX_HOLES = 0.25  # an IVF index whose removed positions pass this share of its id map is rebuilt (compacted)
 
 
@@ -215,14 +227,32 @@ def _build(layout: Layout, manifests, kind: str):
     index = build_index(np.zeros((0, EMBEDDING_DIM), dtype=np.float32), kind)
     parts: list[list[str]] = []
     ranges, n = {}, 0
+    if kind == "flat":
+        # The flat index's storage is allocated once, at its final size, and filled shard by shard: growing it
+        # with add() reallocates (the old and the new buffer at once, 2-3x the index: 15 GB -> 30+ GB at 10M).
+        total = sum(int(m.n_rows) for m in manifests)
+        index.codes.resize(total * EMBEDDING_DIM * 4)
+        store = faiss_view(index, total) if total else None
     for m in manifests:
         shard_ids, emb = load_verified(layout, m)
         ranges[m.partition] = [n, len(shard_ids)]
+        if kind == "flat":
+            store[n:n + len(shard_ids)] = emb
+        else:
+            index.add(np.ascontiguousarray(emb, dtype=np.float32))
         n += len(shard_ids)
         parts.append(ItemIds(shard_ids))
-        index.add(np.ascontiguousarray(emb, dtype=np.float32))
         del emb, shard_ids
+    if kind == "flat":
+        index.ntotal = n
     return index, ItemIds.concat(parts), ranges
+
+
+def faiss_view(index, n: int) -> np.ndarray:
+    """The first n stored vectors of a flat index as a writable float32 numpy view (no copy)."""
+    import faiss
+
+    return faiss.rev_swig_ptr(index.codes.data(), n * index.d * 4).view(np.float32).reshape(n, index.d)
 
 
 def _add_shards(index, layout: Layout, manifests, start: int, ids: list, ranges: dict, with_ids: bool) -> int:
@@ -331,6 +361,20 @@ def _update_in_place(layout: Layout, kind: str, version: dict, manifests, want: 
 
     if kind != "flat":
         return None
+    try:
+        peek = read_index_manifest(layout)
+    except IndexBuildError:
+        return None
+    if isinstance(peek.get("partition_ranges"), dict):
+        # Growing a loaded flat index reallocates its storage: the old and the new buffer at once. When they would
+        # not fit in memory (a 15 GB index at 10M items on 24 GB), rebuild instead: one allocation at the final
+        # size, the shards streamed into it. Decided before the index is loaded.
+        fps, pr = peek.get("shard_fingerprints") or {}, peek["partition_ranges"]
+        n_old = sum(c for _, c in pr.values())
+        n_new = n_old - sum(c for k, (_, c) in pr.items() if fps.get(k) != want.get(k)) + sum(
+            int(m.n_rows) for m in manifests if fps.get(m.partition) != m.fingerprint)
+        if n_new > n_old and (n_old + n_new) * EMBEDDING_DIM * 4 > in_place_memory_limit():
+            return None
     try:
         index, ids, old = load_index(layout)
     except IndexBuildError:
