@@ -94,6 +94,9 @@ def bench(n: int, partition_size: int, budget: int, work: Path, semantic_ids: bo
     write_catalog(raw, n, base)
     s = Settings(home=str(work / f"home_{n}"), items=[str(raw)], id_field="id", text_fields=["name", "description"],
                  partition_size=partition_size)
+    import shutil
+
+    shutil.rmtree(s.home, ignore_errors=True)  # a full run starts from nothing (a leftover HOME would be re-used)
     s.memory_budget_mb = budget
     s.min_recall_at_100 = 0.0
     s.semantic_ids = semantic_ids  # off by default: their cost has its own benchmark (semantic_ids.py)
@@ -111,8 +114,6 @@ def bench(n: int, partition_size: int, budget: int, work: Path, semantic_ids: bo
     write_catalog(raw, n2 + 1, base, edits=edits, skip={n2 // 2})
     res["add_one"] = run(s, "add one item")
     raw.unlink()
-    import shutil
-
     shutil.rmtree(s.home, ignore_errors=True)  # the next size needs the disk
     return res
 
