@@ -81,8 +81,8 @@ def run(settings, label: str) -> dict:
                      f" ({st.get('update_mode')})")
         elif st.get("rows_per_s"):
             extra = f"   {st['rows_per_s']:,.0f} rows/s"
-        print(f"    {name:<18} {st.get('seconds', 0):>8.1f} s   peak RSS {st.get('peak_rss_mb', 0):>8,.0f} MB{extra}",
-              flush=True)
+        print(f"    {name:<18} {st.get('seconds', 0):>8.1f} s ({st.get('cpu_seconds', 0):>7.1f} s CPU)   "
+              f"peak RSS {st.get('peak_rss_mb', 0):>8,.0f} MB{extra}", flush=True)
     return out
 
 
