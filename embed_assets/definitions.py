@@ -12,6 +12,7 @@ from embed_assets.defs.evaluation.assets import retrieval_report
 from embed_assets.defs.evaluation.checks import retrieval_quality_check
 from embed_assets.defs.index.assets import faiss_index
 from embed_assets.defs.items.assets import processed_items
+from embed_assets.defs.items.schedules import refresh_schedule
 from embed_assets.defs.items.sensors import raw_items_sensor
 from embed_assets.defs.jobs import JOBS
 from embed_assets.defs.semantic_ids.assets import semantic_ids
@@ -48,6 +49,7 @@ def build_definitions(s: Settings, encoder_resource: dg.ConfigurableResource | N
     if encoder_resource is not None:
         resources["encoder"] = encoder_resource
     return dg.Definitions(assets=ASSETS, asset_checks=CHECKS, jobs=JOBS, sensors=[raw_items_sensor],
+                          schedules=[refresh_schedule],
                           resources=resources)
 
 

@@ -82,3 +82,11 @@ def test_dagster_webserver_serves_the_whole_graph(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_the_refresh_schedule_is_there_and_off_by_default():
+    from embed_assets.definitions import defs
+
+    sched = defs.resolve_schedule_def("refresh_schedule")
+    assert sched.job_name == "process_items_job" and sched.cron_schedule == "0 2 * * *"
+    assert sched.default_status == dg.DefaultScheduleStatus.STOPPED
