@@ -107,7 +107,8 @@ def _wait_for(d, pred, timeout_s: float, what: str):
 
 def _plan(d):
     registered = set(d.instance.get_dynamic_partitions("item_partitions"))
-    return plan(d.layout, fingerprint_files([str(d.raw)], d.config)[1], d.version, registered)
+    # as the daemon's sensor sees it: semantic IDs are switched off in its environment (too few items)
+    return plan(d.layout, fingerprint_files([str(d.raw)], d.config)[1], d.version, registered, semantic_ids=False)
 
 
 def _converged(d) -> bool:
