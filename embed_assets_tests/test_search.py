@@ -110,7 +110,7 @@ def test_swap_to_a_new_index_and_refuse_another_embedding_version(built, tmp_pat
     """A second HOME holding a copy of the index: a rebuilt index is swapped in; one built with another embedding
     version is refused and the old one keeps serving; a query that took the old index finishes on it."""
     layout = Layout.at(tmp_path / "h2")
-    shutil.copytree(built.home / "index", layout.index_dir)
+    shutil.copytree(built.home / "index", layout.index_root, symlinks=True)
     s = Searcher(layout.home)
     old = s.current()
     assert old.n_items == N_DOCS and s.refresh() is False  # nothing changed: one stat

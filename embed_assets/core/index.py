@@ -1,4 +1,9 @@
-"""FAISS index over the shards: build, save atomically with its id map, load with checksums verified.
+"""FAISS index over the shards: build, write as a version with its id map, promote, load with checksums verified.
+
+Versions: HOME/index/v00001/, v00002/, ... each with items.faiss, items.ids.parquet and manifest.json (shard
+fingerprints, model id and revision, structure, tuning, shadow comparison); `HOME/index/current` is a symlink to the
+live one, moved atomically only after the recall check and the shadow comparison pass. A blocked candidate is kept as
+vNNNNN.rejected with why.json; the newest `keep_versions` (3) versions are kept.
 
 Exact search (IndexFlatIP on unit vectors = cosine) is the default and right up to ~1M items (1M x 384 fp32 =
 1.5 GB, ~50 ms/query on 2 cores). Past one million items choose IVF-PQ or HNSW (e.g. "IVF4096,PQ48" trained on a
@@ -9,8 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import shutil
 import time
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -101,39 +112,120 @@ def build_index(vectors: np.ndarray, kind: str = "flat"):
     return index
 
 
-def save_index(layout: Layout, index, item_ids: Sequence[str], meta: dict[str, Any]) -> dict[str, Any]:
-    """ids, then index, then the manifest that names both by checksum: a reader trusts only a matching set."""
+def _version_names(layout: Layout) -> list[str]:
+    root = layout.index_root
+    return sorted((d.name for d in root.iterdir() if _VERSION.match(d.name) and d.is_dir()),
+                  key=lambda n: int(n[1:6])) if root.exists() else []
+
+
+_VERSION = re.compile(r"^v\d{5}(\.rejected)?$")
+KEEP_VERSIONS = 3
+
+
+def current_version(layout: Layout) -> str | None:
+    """The live version's folder name (`current`'s target), None before the first promotion."""
+    try:
+        return Path(os.readlink(layout.index_dir)).name
+    except OSError:
+        return None
+
+
+def version_dir(layout: Layout, name: str | None = None) -> Path:
+    """A version's folder; the live one (resolved once, so a swap meanwhile cannot mix two versions) by default."""
+    if name is None:
+        name = current_version(layout)
+        if name is None:
+            raise IndexBuildError(f"{layout.index_dir}: no index yet; materialize faiss_index")
+    return layout.index_root / name
+
+
+def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str, Any]) -> tuple[str, dict]:
+    """A new version folder: ids, index, then the manifest naming both by checksum, built under a temp name and
+    renamed into place whole. It is not live until `promote`."""
     import faiss
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    layout.index_dir.mkdir(parents=True, exist_ok=True)
-    arr = item_ids.arrow if isinstance(item_ids, ItemIds) else pa.array(list(item_ids), pa.string())
-    ids_table = pa.table({"item_id": arr})
-    atomic_write(layout.index_ids, lambda tmp: pq.write_table(ids_table, tmp))
-    atomic_write(layout.index_file, lambda tmp: faiss.write_index(index, str(tmp)))
-    crash_point("index_write")  # new index in place, manifest still the old one
-    manifest = {
-        **meta,
-        "n_items": int(index.ntotal),
-        "index_file": layout.index_file.name,
-        "index_sha256": sha256_file(layout.index_file),
-        "index_bytes": layout.index_file.stat().st_size,
-        "ids_file": layout.index_ids.name,
-        "ids_sha256": sha256_file(layout.index_ids),
-        "created_at": time.time(),
-    }
-    atomic_write_json(layout.index_manifest, manifest)
+    from embed_assets.core.atomic import abandoned_work_dir
+
+    root = layout.index_root
+    root.mkdir(parents=True, exist_ok=True)
+    for old in list(root.glob(".build-*")) + list(root.glob(".current-*")):  # a killed build's leftovers
+        if abandoned_work_dir(old):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+    names = _version_names(layout)
+    name = f"v{(int(names[-1][1:6]) if names else 0) + 1:05d}"
+    work = root / f".build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    try:
+        arr = item_ids.arrow if isinstance(item_ids, ItemIds) else pa.array(list(item_ids), pa.string())
+        pq.write_table(pa.table({"item_id": arr}), work / layout.index_ids.name)
+        faiss.write_index(index, str(work / layout.index_file.name))
+        crash_point("index_write")  # a half-built version: never named vNNNNN, never current
+        files = {f: work / f for f in (layout.index_file.name, layout.index_ids.name)}
+        manifest = {
+            **meta,
+            "version_name": name,
+            "n_items": int(index.ntotal),
+            "index_file": layout.index_file.name,
+            "index_sha256": sha256_file(files[layout.index_file.name]),
+            "index_bytes": files[layout.index_file.name].stat().st_size,
+            "ids_file": layout.index_ids.name,
+            "ids_sha256": sha256_file(files[layout.index_ids.name]),
+            "created_at": time.time(),
+        }
+        atomic_write_json(work / layout.index_manifest.name, manifest)
+        os.rename(work, root / name)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return name, manifest
+
+
+def save_index(layout: Layout, index, item_ids: Sequence[str], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write a version and make it current at once, with no recall check or shadow comparison (tools and tests;
+    `build_from_shards` gates its promotion)."""
+    name, manifest = write_version(layout, index, item_ids, meta)
+    promote(layout, name)
     return manifest
 
 
-def read_index_manifest(layout: Layout) -> dict[str, Any]:
-    if not layout.index_manifest.exists():
-        raise IndexBuildError(f"{layout.index_manifest}: no index yet; materialize faiss_index")
+def promote(layout: Layout, name: str, keep: int = KEEP_VERSIONS) -> list[str]:
+    """Point `current` at version `name` (a symlink replaced atomically: a reader sees the old or the new version,
+    whole), then remove all but the newest `keep` versions (never the live one). Returns the removed names."""
+    link = layout.index_dir
+    tmp = layout.index_root / f".current-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.symlink(name, tmp)
+    os.replace(tmp, link)
+    for legacy in ("items.faiss", "items.ids.parquet", "manifest.json"):  # the single-folder layout before versions
+        (layout.index_root / legacy).unlink(missing_ok=True)
+    names = [n for n in _version_names(layout) if n != name and not n.endswith(".rejected")]
+    rejected = [n for n in _version_names(layout) if n.endswith(".rejected")]
+    gone = names[:max(0, len(names) - (keep - 1))] + rejected[:max(0, len(rejected) - keep)]
+    for n in gone:
+        shutil.rmtree(layout.index_root / n, ignore_errors=True)
+    return gone
+
+
+def reject(layout: Layout, name: str, why: dict[str, Any]) -> str:
+    """Keep a blocked version for inspection under `vNNNNN.rejected` with why.json; it is never made current."""
+    folder = layout.index_root / name
+    atomic_write_json(folder / "why.json", why)
+    os.rename(folder, layout.index_root / f"{name}.rejected")
+    return f"{name}.rejected"
+
+
+def read_index_manifest(layout: Layout, name: str | None = None) -> dict[str, Any]:
     try:
-        return json.loads(layout.index_manifest.read_text("utf-8"))
+        path = version_dir(layout, name) / layout.index_manifest.name
+    except IndexBuildError:
+        raise
+    if not path.exists():
+        raise IndexBuildError(f"{path}: no index yet; materialize faiss_index")
+    try:
+        return json.loads(path.read_text("utf-8"))
     except (OSError, ValueError) as e:
-        raise IndexBuildError(f"{layout.index_manifest}: unreadable ({e}); re-materialize faiss_index") from e
+        raise IndexBuildError(f"{path}: unreadable ({e}); re-materialize faiss_index") from e
 
 
 def _read_checked(path, sha256: str, index_manifest, read):
@@ -154,16 +246,19 @@ def _read_checked(path, sha256: str, index_manifest, read):
     raise IndexBuildError(f"{path}: missing or does not match {index_manifest.name}; re-materialize faiss_index")
 
 
-def load_index(layout: Layout):
-    """Index, ids (`ItemIds`) and manifest, each file checked against the manifest and read from the handle that was
-    hashed. Memory: the index and the ids, nothing more (no serialized copy)."""
+def load_index(layout: Layout, name: str | None = None):
+    """Index, ids (`ItemIds`) and manifest of the live version (or `name`), all read from one resolved folder, each
+    file checked against the manifest and read from the handle that was hashed. Memory: the index and the ids, no
+    serialized copy."""
     import faiss
     import pyarrow.parquet as pq
 
-    manifest = read_index_manifest(layout)
-    index = _read_checked(layout.index_file, manifest["index_sha256"], layout.index_manifest,
+    folder = version_dir(layout, name)
+    manifest = read_index_manifest(layout, folder.name)
+    mpath = folder / layout.index_manifest.name
+    index = _read_checked(folder / layout.index_file.name, manifest["index_sha256"], mpath,
                           lambda fh: faiss.read_index(faiss.PyCallbackIOReader(fh.read, 1 << 22)))
-    ids = _read_checked(layout.index_ids, manifest["ids_sha256"], layout.index_manifest,
+    ids = _read_checked(folder / layout.index_ids.name, manifest["ids_sha256"], mpath,
                         lambda fh: ItemIds(pq.read_table(fh).column("item_id")))
     tuned = manifest.get("tuning") or {}
     if tuned.get("param"):  # the search knob the tuning chose (also in the file; set again, explicitly)
@@ -419,7 +514,8 @@ def _update_in_place(layout: Layout, kind: str, version: dict, manifests, want: 
 
 def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: str = "flat",
                       tol: float | None = None, catalog_timeout_s: float = 30.0, tune_config=None,
-                      queries: Callable[[], tuple[np.ndarray, str]] | None = None) -> dict[str, Any]:
+                      queries: Callable[[], tuple[np.ndarray, str]] | None = None,
+                      promotion: "PromotionConfig | None" = None) -> dict[str, Any]:
     """Index every current shard, refusing stale, untrusted, mixed-version or failing-norm shards.
 
     When a trusted flat index of the same version exists and few partitions changed, it is updated in place: the
@@ -491,8 +587,86 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
             "version": version, "partitions": [m.partition for m in manifests],
             "shard_fingerprints": want, "partition_ranges": ranges, "update": how, "catalog_sync": sync,
             "catalog_deferred": bool(deferred), "catalog_deferred_reason": deferred}
-    saved = save_index(layout, index, ids, meta)
+    pcfg = promotion or PromotionConfig()
+    if how["mode"] == "unchanged" and current_version(layout):
+        saved = {**read_index_manifest(layout), "update": how}  # nothing to write: the live version is this index
+    else:
+        if built_kind == "flat" and queries is not None and current_version(layout):
+            q, source = queries()  # the shadow comparison needs held-out queries for a flat candidate too
+        elif built_kind == "flat":
+            q = None
+        meta["shadow"] = shadow_compare(layout, index, ids, q, tuning, pcfg) if q is not None and len(q) else \
+            {"compared": False, "reason": "no current version" if not current_version(layout) else "no queries"}
+        name, saved = write_version(layout, index, ids, meta)
+        blocked = promotion_blockers(tuning, meta["shadow"], pcfg)
+        if blocked:
+            live = current_version(layout)
+            rejected = reject(layout, name, {"blocked_by": blocked, "shadow": meta["shadow"], "tuning": tuning})
+            raise IndexBuildError(f"promotion blocked: {'; '.join(blocked)}. Version {live or '(none)'} stays "
+                                  f"current; the candidate is kept as {layout.index_root / rejected}")
+        saved["pruned"] = promote(layout, name, pcfg.keep_versions)
     # Every shard is current and indexed: the previous generation has served its purpose (except a partition being
     # written now, or an indexed shard replaced since: a writer may still re-use those vectors).
     clear_previous(layout, meta["shard_fingerprints"])
     return saved
+
+
+@dataclass(frozen=True)
+class PromotionConfig:
+    """What a new index version must show before `current` moves to it."""
+
+    max_recall_drop: float = 0.02  # its ANN recall@10 may be at most this far below the live version's
+    min_overlap: float = 0.0  # mean overlap@10 with the live version's answers (0: recorded, not enforced; a
+    # changed catalog legitimately changes answers)
+    keep_versions: int = KEEP_VERSIONS
+    shadow_queries: int = 200  # of the held-out queries, this many answer on both versions
+
+
+def shadow_compare(layout: Layout, index, ids, queries: np.ndarray, tuning: dict | None,
+                   cfg: PromotionConfig, k: int = 10) -> dict[str, Any]:
+    """The candidate and the live version answer the same held-out queries: overlap@10 of their answers (by item
+    id), the recall delta (each against exact search over its own shards: the tuning's measure, 1 for flat) and the
+    latency delta (single queries, p50). Skipped, with the reason, when there is no live version, it holds another
+    embedding version, or the two would not fit in memory at once."""
+    from embed_assets.core.metrics import latency_ms
+
+    live = current_version(layout)
+    if live is None:
+        return {"compared": False, "reason": "no current version"}
+    try:
+        cur_m = read_index_manifest(layout, live)
+    except IndexBuildError as e:
+        return {"compared": False, "reason": f"current version unreadable: {e}"}
+    if cur_m.get("index_bytes", 0) > in_place_memory_limit():
+        return {"compared": False, "reason": "the live version and the candidate would not fit in memory at once"}
+    try:
+        cur, cur_ids, cur_m = load_index(layout, live)
+    except IndexBuildError as e:
+        return {"compared": False, "reason": f"current version unreadable: {e}"}
+    q = np.ascontiguousarray(queries[:cfg.shadow_queries], dtype=np.float32)
+    _, a = cur.search(q, k)
+    _, b = index.search(q, k)
+    overlap = float(np.mean([len({cur_ids[int(x)] for x in ra if x >= 0} & {ids[int(y)] for y in rb if y >= 0}) / k
+                             for ra, rb in zip(a, b)])) if len(q) else None
+    cur_recall = (cur_m.get("tuning") or {}).get("recall", 1.0 if cur_m.get("kind") == "flat" else None)
+    new_recall = (tuning or {}).get("recall", 1.0)
+    lat_cur, lat_new = latency_ms(cur, q[:50], k, budget_s=5.0), latency_ms(index, q[:50], k, budget_s=5.0)
+    return {"compared": True, "against": live, "n_queries": int(len(q)), "overlap_at_10": overlap,
+            "recall_at_10": new_recall, "live_recall_at_10": cur_recall,
+            "recall_delta": None if cur_recall is None else new_recall - cur_recall,
+            "p50_ms": lat_new["p50"], "live_p50_ms": lat_cur["p50"], "p50_delta_ms": lat_new["p50"] - lat_cur["p50"]}
+
+
+def promotion_blockers(tuning: dict | None, shadow: dict[str, Any], cfg: PromotionConfig) -> list[str]:
+    """Why `current` must not move to the candidate (empty: promote). The recall check: a tuned index must meet
+    its target. The shadow check: recall may not drop by more than max_recall_drop, overlap not below min_overlap."""
+    out = []
+    if tuning and not tuning.get("met"):
+        out.append(f"recall check: ANN recall@10 {tuning['recall']:.4f} < target {tuning.get('target')}")
+    if shadow.get("compared"):
+        if shadow.get("recall_delta") is not None and shadow["recall_delta"] < -cfg.max_recall_drop:
+            out.append(f"shadow: recall@10 {shadow['recall_at_10']:.4f} is {-shadow['recall_delta']:.4f} below the "
+                       f"live version's {shadow['live_recall_at_10']:.4f} (allowed drop {cfg.max_recall_drop})")
+        if shadow.get("overlap_at_10") is not None and shadow["overlap_at_10"] < cfg.min_overlap:
+            out.append(f"shadow: overlap@10 with the live version {shadow['overlap_at_10']:.3f} < {cfg.min_overlap}")
+    return out

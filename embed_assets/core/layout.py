@@ -73,8 +73,14 @@ class Layout:
         return self.home / "catalog.duckdb"
 
     @property
-    def index_dir(self) -> Path:
+    def index_root(self) -> Path:
+        """Index versions: v00001/, v00002/, ... and `current`, a symlink to the live one."""
         return self.home / "index"
+
+    @property
+    def index_dir(self) -> Path:
+        """The live index version (through the `current` symlink; `index.load_index` resolves it once)."""
+        return self.index_root / "current"
 
     @property
     def index_file(self) -> Path:

@@ -80,8 +80,11 @@ def verify(layout: Layout, repair: bool = False, check_index: bool = True,
             else:
                 problems.append(f"leftover temp file {tmp.relative_to(layout.home)} (from an interrupted write)")
 
-    # Scratch folders of an interrupted processed_items (spill files of a killed ingest): never read, only swept.
-    for work in sorted(layout.processed_dir.glob(".ingest-*")) if layout.processed_dir.exists() else []:
+    # Scratch folders of an interrupted processed_items (spill files of a killed ingest) or index build: never read,
+    # only swept.
+    scratch = sorted(layout.processed_dir.glob(".ingest-*")) if layout.processed_dir.exists() else []
+    scratch += sorted(layout.index_root.glob(".build-*")) if layout.index_root.exists() else []
+    for work in scratch:
         if not work.is_dir() or not abandoned_work_dir(work):
             continue
         if repair:
@@ -89,7 +92,7 @@ def verify(layout: Layout, repair: bool = False, check_index: bool = True,
             fixed.append(f"removed leftover scratch folder {work.relative_to(layout.home)}")
         else:
             problems.append(f"leftover scratch folder {work.relative_to(layout.home)} (from an interrupted "
-                            "processed_items); `embed-assets verify --repair` removes it")
+                            "run); `embed-assets verify --repair` removes it")
 
     by_key: dict[str, list[Path]] = {}
     for f in sorted(layout.embeddings_dir.glob("shard_*")) if layout.embeddings_dir.exists() else []:

@@ -103,7 +103,9 @@ def _fake_index(layout, fingerprints, sids=True):
         atomic_write_json(version / "manifest.json", {"input_shards": fingerprints})
         if not (layout.home / "semantic_ids" / "current").is_symlink():
             (layout.home / "semantic_ids" / "current").symlink_to("v00001")
-    layout.index_dir.mkdir(parents=True, exist_ok=True)
+    (layout.index_root / "v00001").mkdir(parents=True, exist_ok=True)
+    if not layout.index_dir.is_symlink():
+        layout.index_dir.symlink_to("v00001")
     layout.index_file.write_bytes(b"index")
     layout.index_ids.write_bytes(b"ids")
     atomic_write_json(layout.index_manifest, {"shard_fingerprints": fingerprints,

@@ -24,7 +24,8 @@ def faiss_index(context: dg.AssetExecutionContext, home: HomeResource, retrieval
         try:
             manifest = build_from_shards(
                 layout, load_partitions(layout), retrieval.index_kind, thresholds.norm_tolerance, tune_config=cfg,
-                queries=lambda: held_out_queries(layout, encoder.encoder, cfg.n_queries, retrieval.queries_path))
+                queries=lambda: held_out_queries(layout, encoder.encoder, cfg.n_queries, retrieval.queries_path),
+                promotion=retrieval.promotion_config())
         except (IndexBuildError, ItemsError, ShardError) as e:
             raise dg.Failure(description=str(e)) from e
     how = manifest["update"]
@@ -52,7 +53,12 @@ def faiss_index(context: dg.AssetExecutionContext, home: HomeResource, retrieval
             "model_id": manifest["version"].get("model_id", ""),
             "model_revision": manifest["version"].get("model_revision", ""),
             "path": dg.MetadataValue.path(str(layout.index_file)),
+            "index_version": manifest.get("version_name", ""),
             "structure": manifest["structure"]["factory"],
+            **({"shadow_overlap_at_10": float(sh["overlap_at_10"]), "shadow_recall_delta": float(sh["recall_delta"]),
+                "shadow_p50_delta_ms": float(sh["p50_delta_ms"])}
+               if (sh := manifest.get("shadow") or {}).get("compared") and sh.get("recall_delta") is not None
+               else {}),
             "structure_why": manifest["structure"]["why"],
             **({"tuned_param": f"{t['param']}={t['value']}", "tuned_recall_at_10": float(t["recall"]),
                 "tuned_qps": float(t["qps"]), "tuned_meets_target": bool(t["met"])}

@@ -1,0 +1,66 @@
+"""Index versions: each build is a new folder, `current` moves only after the recall check and the shadow
+comparison pass, a blocked candidate leaves the previous version live, old versions are pruned."""
+
+import json
+import os
+
+import pytest
+
+from embed_assets.core.embed import embed_partition
+from embed_assets.core.index import (IndexBuildError, PromotionConfig, build_from_shards, current_version,
+                                     load_index)
+from embed_assets.core.index_tune import TuneConfig, held_out_queries
+from embed_assets.core.items import load_partitions, process_items
+from embed_assets.core.layout import Layout
+from embed_assets_tests.conftest import sample_docs, write_jsonl
+
+
+def _embed(layout, corpus, encoder):
+    process_items(layout, [corpus], "_id", ["title"], 40)
+    for p in load_partitions(layout):
+        embed_partition(layout, p["partition"], encoder)
+
+
+def test_versions_shadow_and_blocked_promotions(tmp_path, encoder):
+    docs = sample_docs(300)
+    corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", docs)
+    layout = Layout.at(tmp_path / "home")
+    _embed(layout, corpus, encoder)
+    queries = lambda: held_out_queries(layout, encoder, 60)  # noqa: E731
+    first = build_from_shards(layout, load_partitions(layout), "auto", queries=queries)
+    assert current_version(layout) == "v00001" and os.path.islink(layout.index_dir)
+    assert first["shadow"] == {"compared": False, "reason": "no current version"}
+
+    docs[3] = {**docs[3], "title": "An edited title about protein folding"}
+    write_jsonl(corpus, docs)
+    _embed(layout, corpus, encoder)
+    second = build_from_shards(layout, load_partitions(layout), "auto", queries=queries)
+    sh = second["shadow"]
+    assert current_version(layout) == "v00002" and sh["compared"] and sh["against"] == "v00001"
+    assert sh["recall_delta"] == 0.0 and 0.9 <= sh["overlap_at_10"] <= 1.0 and "p50_delta_ms" in sh
+
+    # a recall check that cannot pass (IVF on 300 items, target above 1): blocked, v00002 stays live
+    docs[4] = {**docs[4], "title": "Another edited title"}
+    write_jsonl(corpus, docs)
+    _embed(layout, corpus, encoder)
+    with pytest.raises(IndexBuildError, match="promotion blocked: recall check"):
+        build_from_shards(layout, load_partitions(layout), "auto", queries=queries,
+                          tune_config=TuneConfig(flat_max_items=100, recall_target=1.01))
+    assert current_version(layout) == "v00002"
+    _, _, live = load_index(layout)
+    assert live["version_name"] == "v00002"
+    why = json.loads((layout.index_root / "v00003.rejected" / "why.json").read_text())
+    assert why["blocked_by"][0].startswith("recall check")
+
+    # a shadow comparison that fails (a new version must beat the live one's recall by 0.5): blocked too
+    with pytest.raises(IndexBuildError, match="promotion blocked: shadow"):
+        build_from_shards(layout, load_partitions(layout), "auto", queries=queries,
+                          promotion=PromotionConfig(max_recall_drop=-0.5))
+    assert current_version(layout) == "v00002"
+
+    # it passes: promoted; only the newest versions are kept, the live one always
+    third = build_from_shards(layout, load_partitions(layout), "auto", queries=queries,
+                              promotion=PromotionConfig(keep_versions=2))
+    assert current_version(layout) == third["version_name"] == "v00005"
+    kept = sorted(p.name for p in layout.index_root.iterdir() if p.name.startswith("v"))
+    assert kept == ["v00002", "v00003.rejected", "v00004.rejected", "v00005"]  # 2 promoted, 2 rejected at most
