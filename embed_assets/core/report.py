@@ -141,6 +141,8 @@ def evaluate(
                        "qps": tuning.get("qps"), "bytes": manifest.get("index_bytes"),
                        "build_seconds": manifest.get("build_seconds"),
                        "update_mode": (manifest.get("update") or {}).get("mode")}
+    report["shadow"] = manifest.get("shadow") or {"compared": False, "reason": "not recorded"}
+    report["index_version"] = manifest.get("version_name")
     report["seconds"] = time.perf_counter() - t0
     return report
 
