@@ -170,8 +170,16 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(layout: Layout, report: dict[str, Any]) -> None:
+    """reports/retrieval_eval.{json,md}, and the JSON also beside the index version it evaluated (its bundle:
+    index, ids, manifest, eval), unless that version was pruned meanwhile."""
+    from embed_assets.core.index import version_dir
+
     atomic_write_json(layout.report_json, report)
     atomic_write_text(layout.report_md, to_markdown(report))
+    if report.get("index_version"):
+        folder = version_dir(layout, report["index_version"])
+        if folder.is_dir():
+            atomic_write_json(folder / "eval.json", report)
 
 
 def read_report(layout: Layout) -> dict[str, Any]:

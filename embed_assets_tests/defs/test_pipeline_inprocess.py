@@ -68,6 +68,12 @@ def test_graph_end_to_end_with_a_dagster_partition_per_item_partition(settings):
     assert set(report["latency_ms"]) >= {"p50", "p95", "p99"}
     assert len(report["smoke_test"]) == 5 and all(len(s["neighbours"]) == 5 for s in report["smoke_test"])
     assert layout.report_md.read_text().startswith("# Retrieval evaluation")
+    # the monitoring keys, and the evaluation kept in the index version's own folder (its bundle)
+    for k in ("coverage", "drift", "shadow", "tfidf_ndcg_at_10", "index", "field_to_item", "query_latency_ms"):
+        assert k in report, k
+    assert report["coverage"]["items_with_vectors"] == report["coverage"]["items_with_text"] == 120
+    assert report["tfidf_ndcg_at_10"] is not None and report["index"]["type"] == "IndexFlatIP"
+    assert json.loads((layout.index_dir / "eval.json").read_text())["index_version"] == report["index_version"]
     assert catalog.query(layout, "SELECT count(*) FROM shards") == [(4,)]
 
     # A re-run of a finished partition changes nothing.
