@@ -14,8 +14,9 @@ def faiss_index(context: dg.AssetExecutionContext, home: HomeResource, retrieval
     """A FAISS inner-product index over every current, checked shard, with its id map. `auto` (default): exact
     (flat) up to 250,000 items; above, IVF trained on a sample, its nprobe raised on held-out queries until ANN
     recall@10 meets min_ann_recall_at_10; choice, params, recall, QPS and the curve are recorded. Updated in place
-    when few partitions changed (an IVF retrains only when the drift test says so). At 10M items a flat index is
-    15 GB of fp32 and ~3 s per query on 2 cores; IVF-Flat keeps the bytes and cuts the scan to nprobe lists."""
+    when few partitions changed (an IVF retrains only when the drift test says so). Each build is a new version;
+    `current` moves only after the recall check and the shadow comparison pass. At 10M items a flat index is
+    14.6 GB (benchmarks/results/scale_10m.txt); IVF-Flat keeps the bytes and scans nprobe of its lists."""
     layout = home.layout
     from embed_assets.core.index_tune import held_out_queries
 
