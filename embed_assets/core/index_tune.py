@@ -10,9 +10,10 @@ Recall is recall@k against exact search on *held-out* queries (texts that are no
 queries, or item titles searched against title+text vectors), tie-aware (`metrics.ann_recall_at_k`). QPS is measured
 on the same queries, batched, on this machine's threads.
 
-Why IVF and not HNSW above the flat threshold: on 2 cores an HNSW over 1M x 384 takes many minutes to build and
-cannot drop items in place; IVF trains on a sample in seconds, adds and removes ids in place, and its one knob
-(nprobe) moves recall monotonically. HNSW stays available (`kind="hnsw"`) and is tuned the same way (efSearch).
+Why IVF and not HNSW above the flat threshold: an HNSW graph cannot drop items in place, and its build grows with
+every item; IVF trains on a bounded sample (117 s for 4,096 lists at 1M on these 2 busy cores,
+benchmarks/results/index_1m.txt), adds and removes ids in place, and its one knob (nprobe) moves recall
+monotonically. HNSW stays available (`kind="hnsw"`) and is tuned the same way (efSearch).
 
 faiss is imported inside functions only.
 """
