@@ -659,14 +659,20 @@ def shadow_compare(layout: Layout, index, ids, queries: np.ndarray, tuning: dict
 
 def promotion_blockers(tuning: dict | None, shadow: dict[str, Any], cfg: PromotionConfig) -> list[str]:
     """Why `current` must not move to the candidate (empty: promote). The recall check: a tuned index must meet
-    its target. The shadow check: recall may not drop by more than max_recall_drop, overlap not below min_overlap."""
+    its target. The shadow check: recall may not fall more than max_recall_drop below the live version's (or the
+    target, when that is lower), overlap not below min_overlap."""
     out = []
     if tuning and not tuning.get("met"):
         out.append(f"recall check: ANN recall@10 {tuning['recall']:.4f} < target {tuning.get('target')}")
     if shadow.get("compared"):
-        if shadow.get("recall_delta") is not None and shadow["recall_delta"] < -cfg.max_recall_drop:
-            out.append(f"shadow: recall@10 {shadow['recall_at_10']:.4f} is {-shadow['recall_delta']:.4f} below the "
-                       f"live version's {shadow['live_recall_at_10']:.4f} (allowed drop {cfg.max_recall_drop})")
+        # The floor is the live version's recall, or the target when that is lower (a catalog that crossed the flat
+        # threshold moves from exact search, recall 1, to a tuned index: the target is the contract), minus the drop.
+        live = shadow.get("live_recall_at_10")
+        target = (tuning or {}).get("target", 1.0)
+        floor = None if live is None else min(live, target) - cfg.max_recall_drop
+        if floor is not None and shadow["recall_at_10"] < floor:
+            out.append(f"shadow: recall@10 {shadow['recall_at_10']:.4f} is below {floor:.4f} (the live version's "
+                       f"{live:.4f} or the target {target}, whichever is lower, minus {cfg.max_recall_drop})")
         if shadow.get("overlap_at_10") is not None and shadow["overlap_at_10"] < cfg.min_overlap:
             out.append(f"shadow: overlap@10 with the live version {shadow['overlap_at_10']:.3f} < {cfg.min_overlap}")
     return out
