@@ -97,3 +97,13 @@ def run_cli(args: list[str], cwd: Path, crash_at: str | None = None) -> subproce
         env["EMBED_ASSETS_CRASH_AT"] = crash_at
     return subprocess.run([sys.executable, "-m", "embed_assets.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=900)
+
+
+def embed_catalog(layout, corpus: Path, encoder, partition_size: int) -> None:
+    """processed_items (titles as the text) and every partition's shard, through the core functions."""
+    from embed_assets.core.embed import embed_partition
+    from embed_assets.core.items import load_partitions, process_items
+
+    process_items(layout, [corpus], "_id", ["title"], partition_size)
+    for p in load_partitions(layout):
+        embed_partition(layout, p["partition"], encoder)

@@ -3,12 +3,11 @@ the drift test or the holes call for a retrain."""
 
 import numpy as np
 
-from embed_assets.core.embed import embed_partition
 from embed_assets.core.index import build_from_shards, exact_search, load_index
 from embed_assets.core.index_tune import TuneConfig, choose_structure, held_out_queries, measure, n_lists
-from embed_assets.core.items import load_partitions, process_items
+from embed_assets.core.items import load_partitions
 from embed_assets.core.layout import Layout
-from embed_assets_tests.conftest import sample_docs, write_jsonl
+from embed_assets_tests.conftest import embed_catalog, sample_docs, write_jsonl
 
 
 def test_structure_follows_size_and_memory_budget():
@@ -23,17 +22,11 @@ def test_structure_follows_size_and_memory_budget():
     assert n_lists(300_000, TuneConfig(train_sample=1_000_000)) == 2048
 
 
-def _embed_all(layout, corpus, encoder):
-    process_items(layout, [corpus], "_id", ["title"], 30)  # 16 partitions: a 3-item change touches few
-    for p in load_partitions(layout):
-        embed_partition(layout, p["partition"], encoder)
-
-
 def test_ivf_is_tuned_updated_in_place_and_retrained_on_drift(tmp_path, encoder):
     docs = sample_docs(480)
     corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", docs)
     layout = Layout.at(tmp_path / "home")
-    _embed_all(layout, corpus, encoder)
+    embed_catalog(layout, corpus, encoder, 30)  # 16 partitions: a 3-item change touches few
     cfg = TuneConfig(flat_max_items=100, n_queries=60, recall_target=0.95)
     queries = lambda: held_out_queries(layout, encoder, 60)  # noqa: E731  (titles; here they are the texts)
     first = build_from_shards(layout, load_partitions(layout), "auto", tune_config=cfg, queries=queries)
@@ -44,7 +37,7 @@ def test_ivf_is_tuned_updated_in_place_and_retrained_on_drift(tmp_path, encoder)
     gone = docs.pop(30)["_id"]
     docs.append({"_id": "new-item", "title": "A new item about gene expression", "text": ""})
     write_jsonl(corpus, docs)
-    _embed_all(layout, corpus, encoder)
+    embed_catalog(layout, corpus, encoder, 30)
     second = build_from_shards(layout, load_partitions(layout), "auto", tune_config=cfg, queries=queries)
     how = second["update"]
     assert how["mode"] == "in_place" and how["n_vectors_removed"] > 0 and how["drift_ratio"] < cfg.drift_ratio, how
@@ -61,7 +54,7 @@ def test_ivf_is_tuned_updated_in_place_and_retrained_on_drift(tmp_path, encoder)
     # new vectors that no longer fit the trained centroids (a drift limit below any real ratio): retrained
     docs.append({"_id": "another", "title": "Yet another new item", "text": ""})
     write_jsonl(corpus, docs)
-    _embed_all(layout, corpus, encoder)
+    embed_catalog(layout, corpus, encoder, 30)
     strict = TuneConfig(flat_max_items=100, n_queries=60, drift_ratio=0.01)
     third = build_from_shards(layout, load_partitions(layout), "auto", tune_config=strict, queries=queries)
     assert third["update"]["mode"] == "rebuild" and third["update"]["reason"].startswith("drift")

@@ -6,26 +6,19 @@ import os
 
 import pytest
 
-from embed_assets.core.embed import embed_partition
 from embed_assets.core.index import (IndexBuildError, PromotionConfig, build_from_shards, current_version,
                                      load_index)
 from embed_assets.core.index_tune import TuneConfig, held_out_queries
-from embed_assets.core.items import load_partitions, process_items
+from embed_assets.core.items import load_partitions
 from embed_assets.core.layout import Layout
-from embed_assets_tests.conftest import sample_docs, write_jsonl
-
-
-def _embed(layout, corpus, encoder):
-    process_items(layout, [corpus], "_id", ["title"], 40)
-    for p in load_partitions(layout):
-        embed_partition(layout, p["partition"], encoder)
+from embed_assets_tests.conftest import embed_catalog, sample_docs, write_jsonl
 
 
 def test_versions_shadow_and_blocked_promotions(tmp_path, encoder):
     docs = sample_docs(300)
     corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", docs)
     layout = Layout.at(tmp_path / "home")
-    _embed(layout, corpus, encoder)
+    embed_catalog(layout, corpus, encoder, 40)
     queries = lambda: held_out_queries(layout, encoder, 60)  # noqa: E731
     first = build_from_shards(layout, load_partitions(layout), "auto", queries=queries)
     assert current_version(layout) == "v00001" and os.path.islink(layout.index_dir)
@@ -33,7 +26,7 @@ def test_versions_shadow_and_blocked_promotions(tmp_path, encoder):
 
     docs[3] = {**docs[3], "title": "An edited title about protein folding"}
     write_jsonl(corpus, docs)
-    _embed(layout, corpus, encoder)
+    embed_catalog(layout, corpus, encoder, 40)
     second = build_from_shards(layout, load_partitions(layout), "auto", queries=queries)
     sh = second["shadow"]
     assert current_version(layout) == "v00002" and sh["compared"] and sh["against"] == "v00001"
@@ -42,7 +35,7 @@ def test_versions_shadow_and_blocked_promotions(tmp_path, encoder):
     # a recall check that cannot pass (IVF on 300 items, target above 1): blocked, v00002 stays live
     docs[4] = {**docs[4], "title": "Another edited title"}
     write_jsonl(corpus, docs)
-    _embed(layout, corpus, encoder)
+    embed_catalog(layout, corpus, encoder, 40)
     with pytest.raises(IndexBuildError, match="promotion blocked: recall check"):
         build_from_shards(layout, load_partitions(layout), "auto", queries=queries,
                           tune_config=TuneConfig(flat_max_items=100, recall_target=1.01))
