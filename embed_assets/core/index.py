@@ -216,10 +216,7 @@ def reject(layout: Layout, name: str, why: dict[str, Any]) -> str:
 
 
 def read_index_manifest(layout: Layout, name: str | None = None) -> dict[str, Any]:
-    try:
-        path = version_dir(layout, name) / layout.index_manifest.name
-    except IndexBuildError:
-        raise
+    path = version_dir(layout, name) / layout.index_manifest.name
     if not path.exists():
         raise IndexBuildError(f"{path}: no index yet; materialize faiss_index")
     try:
@@ -280,6 +277,13 @@ def in_place_memory_limit() -> int:
 
 
 MAX_HOLES = 0.25  # an IVF index whose removed positions pass this share of its id map is rebuilt (compacted)
+
+
+def stored_vectors(index, positions) -> np.ndarray:
+    """The stored vectors of a few positions (fp32, n x d; never a copy of the whole index)."""
+    if not len(positions):
+        return np.zeros((0, index.d), dtype=np.float32)
+    return np.stack([index.reconstruct(int(p)) for p in positions]).astype(np.float32)
 
 
 def stored_blocks(layout: Layout, manifest: dict[str, Any]):
@@ -392,6 +396,25 @@ def _build_ivf(layout: Layout, manifests, structure: dict[str, Any], cfg):
     return index, ItemIds.concat(parts), ranges, trained
 
 
+def _partition_diff(ranges: dict, built: dict, want: dict, manifests) -> tuple[list[str], list]:
+    """(partitions whose indexed rows must go, shards to add): what changed between the index and the shards."""
+    removed = sorted(k for k in ranges if built.get(k) != want.get(k))
+    added = [m for m in manifests if built.get(m.partition) != m.fingerprint]
+    return removed, added
+
+
+def _too_many(removed: list[str], added: list, manifests) -> bool:
+    return len(set(removed) | {m.partition for m in added}) > IN_PLACE_MAX_CHANGED * max(len(manifests), 1)
+
+
+def _drop_mask(n: int, ranges: dict, removed: list[str]) -> np.ndarray:
+    drop = np.zeros(n, dtype=bool)
+    for k in removed:
+        start, count = ranges[k]
+        drop[start:start + count] = True
+    return drop
+
+
 def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[str, str],
                          structure: dict[str, Any], cfg):
     """Remove changed partitions' labels from the current IVF index and add the new shards at fresh positions, when
@@ -412,12 +435,11 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
     if (old.get("kind") != "ivf" or (old.get("structure") or {}).get("factory") != structure["factory"]
             or old.get("version") != version or not isinstance(ranges, dict) or not trained):
         return None, "no IVF index of this structure and embedding version"
-    removed = sorted(k for k in ranges if built.get(k) != want.get(k))
-    added = [m for m in manifests if built.get(m.partition) != m.fingerprint]
+    removed, added = _partition_diff(ranges, built, want, manifests)
     if not removed and not added:
         return (index, ids, ranges, trained, {"mode": "unchanged", "n_partitions_added": 0, "n_partitions_removed": 0,
                                               "n_vectors_added": 0, "n_vectors_removed": 0}), ""
-    if len(set(removed) | {m.partition for m in added}) > IN_PLACE_MAX_CHANGED * max(len(manifests), 1):
+    if _too_many(removed, added, manifests):
         return None, "too many partitions changed"
     # the drift test, on the new vectors only (a bounded sample of them)
     fresh = [load_verified(layout, m)[1][:20_000].astype(np.float32) for m in added[:8]]
@@ -426,10 +448,7 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
     if drift > cfg.drift_ratio:
         return None, (f"drift: new vectors sit {drift:.2f}x farther from their centroids than the training sample "
                       f"(limit {cfg.drift_ratio}); retrained")
-    drop = np.zeros(len(ids), dtype=bool)
-    for k in removed:
-        start, count = ranges[k]
-        drop[start:start + count] = True
+    drop = _drop_mask(len(ids), ranges, removed)
     if drop.any():
         gone = np.ascontiguousarray(np.flatnonzero(drop).astype(np.int64))
         index.remove_ids(faiss.IDSelectorArray(len(gone), faiss.swig_ptr(gone)))  # what a hashtable map accepts
@@ -464,10 +483,10 @@ def _update_in_place(layout: Layout, kind: str, version: dict, manifests, want: 
         # Growing a loaded flat index reallocates its storage: the old and the new buffer at once. When they would
         # not fit in memory (a 15 GB index at 10M items on 24 GB), rebuild instead: one allocation at the final
         # size, the shards streamed into it. Decided before the index is loaded.
-        fps, pr = peek.get("shard_fingerprints") or {}, peek["partition_ranges"]
+        pr = peek["partition_ranges"]
+        gone, new = _partition_diff(pr, peek.get("shard_fingerprints") or {}, want, manifests)
         n_old = sum(c for _, c in pr.values())
-        n_new = n_old - sum(c for k, (_, c) in pr.items() if fps.get(k) != want.get(k)) + sum(
-            int(m.n_rows) for m in manifests if fps.get(m.partition) != m.fingerprint)
+        n_new = n_old - sum(pr[k][1] for k in gone) + sum(int(m.n_rows) for m in new)
         if n_new > n_old and (n_old + n_new) * EMBEDDING_DIM * 4 > in_place_memory_limit():
             return None
     try:
@@ -479,17 +498,13 @@ def _update_in_place(layout: Layout, kind: str, version: dict, manifests, want: 
     if (old.get("kind") != kind or old.get("version") != version or not isinstance(ranges, dict)
             or not isinstance(index, faiss.IndexFlat) or sum(c for _, c in ranges.values()) != len(ids)):
         return None
-    removed = sorted(k for k in ranges if built.get(k) != want.get(k))
-    added = [m for m in manifests if built.get(m.partition) != m.fingerprint]
+    removed, added = _partition_diff(ranges, built, want, manifests)
     if not removed and not added:
         return index, ids, ranges, {"mode": "unchanged", "n_partitions_added": 0, "n_partitions_removed": 0,
                                     "n_vectors_added": 0, "n_vectors_removed": 0}
-    if len(set(removed) | {m.partition for m in added}) > IN_PLACE_MAX_CHANGED * max(len(manifests), 1):
+    if _too_many(removed, added, manifests):
         return None
-    drop = np.zeros(len(ids), dtype=bool)
-    for k in removed:
-        start, count = ranges[k]
-        drop[start:start + count] = True
+    drop = _drop_mask(len(ids), ranges, removed)
     if drop.any():
         index.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(drop).astype(np.int64)))  # flat: compacts, keeps order
     kept = [ids.filter(~drop)]

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from embed_assets.core.index import stored_vectors
 from embed_assets.core.layout import Layout
 
 DRIFT_SAMPLE = 1_000
@@ -49,11 +50,6 @@ def _positions_of(ids, wanted: list[str]) -> np.ndarray:
     return np.array([-1 if v is None else v for v in pos.to_pylist()], dtype=np.int64)
 
 
-def _vectors(index, positions: np.ndarray) -> np.ndarray:
-    return np.stack([index.reconstruct(int(p)) for p in positions]).astype(np.float32) if len(positions) else \
-        np.zeros((0, index.d), dtype=np.float32)
-
-
 def vector_drift(layout: Layout, index, ids, version: dict, seed: int = 0, n: int = DRIFT_SAMPLE) -> dict[str, Any]:
     """The same items' vectors against the last report's sample (reports/drift_sample.parquet): mean and min cosine,
     centroid shift (1 - cos between the sample centroids). The sample is kept while at least half of it is still
@@ -76,7 +72,7 @@ def vector_drift(layout: Layout, index, ids, version: dict, seed: int = 0, n: in
             have = pos >= 0
             if have.any():
                 prev = np.array(old.column("vector").to_pylist(), dtype=np.float32)[have]
-                now = _vectors(index, pos[have])
+                now = stored_vectors(index, pos[have])
                 cos = np.sum(prev * now, axis=1) / (np.linalg.norm(prev, axis=1) * np.linalg.norm(now, axis=1))
                 c0, c1 = prev.mean(axis=0), now.mean(axis=0)
                 out.update(n_compared=int(have.sum()), mean_cosine=float(cos.mean()), min_cosine=float(cos.min()),
@@ -90,7 +86,7 @@ def vector_drift(layout: Layout, index, ids, version: dict, seed: int = 0, n: in
         valid = ids.valid_positions()
         rng = np.random.default_rng(seed)
         keep_ids = [ids[int(p)] for p in np.sort(rng.choice(valid, size=min(n, len(valid)), replace=False))]
-    vecs = _vectors(index, _positions_of(ids, keep_ids))
+    vecs = stored_vectors(index, _positions_of(ids, keep_ids))
     table = pa.table({"item_id": pa.array(keep_ids, pa.string()),
                       "vector": pa.array(list(vecs.astype(np.float32)), pa.list_(pa.float32()))},
                      metadata={"model_revision": str(version.get("model_revision", ""))})
@@ -186,7 +182,7 @@ def field_to_item(layout: Layout, index, ids, encoder, pool: int = POOL, n_queri
     qrows = np.sort(rng.choice(cand, size=min(n_queries, len(cand)), replace=False))
     titles = [rows[pool_ids[j]][0] for j in qrows]
     qv, _ = encoder.encode(titles)
-    pool_vecs = _vectors(index, picked)
+    pool_vecs = stored_vectors(index, picked)
     from embed_assets.core.metrics import exact_top_k
 
     emb_top, _ = exact_top_k(pool_vecs, np.ascontiguousarray(qv, dtype=np.float32), 10)

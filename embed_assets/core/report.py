@@ -12,16 +12,10 @@ import numpy as np
 from embed_assets.core.atomic import atomic_write_json, atomic_write_text
 from embed_assets.core.beir import load_qrels, load_queries
 from embed_assets.core.encoder import Encoder
-from embed_assets.core.index import IndexBuildError, exact_search, load_index
+from embed_assets.core.index import IndexBuildError, exact_search, load_index, stored_vectors
 from embed_assets.core.items import titles_of
 from embed_assets.core.layout import Layout
 from embed_assets.core.metrics import ann_recall_at_k, drop_self, evaluate_run, latency_ms
-
-
-def _sample_vectors(index, rows: np.ndarray) -> np.ndarray:
-    """The stored vectors of a few rows (never a copy of the whole index)."""
-    return np.stack([index.reconstruct(int(r)) for r in rows]).astype(np.float32) if len(rows) else \
-        np.zeros((0, index.d), dtype=np.float32)
 
 
 def evaluate(
@@ -57,7 +51,7 @@ def evaluate(
         n_ann_sample, n_latency = min(n_ann_sample, 100), min(n_latency, 100)
     valid = ids.valid_positions()  # an IVF index updated in place has holes where items were removed
     sample = np.sort(rng.choice(valid, size=min(n_ann_sample, len(valid)), replace=False))
-    sample_vecs = _sample_vectors(index, sample)
+    sample_vecs = stored_vectors(index, sample)
 
     report: dict[str, Any] = {
         "n_items": n,
@@ -113,7 +107,7 @@ def evaluate(
     report["latency_ms"] = latency_ms(index, query_vecs[:n_latency], k=10, budget_s=latency_budget_s)
 
     picks = rng.choice(valid, size=min(n_smoke, len(valid)), replace=False)
-    _, nbs = index.search(_sample_vectors(index, picks), 6)
+    _, nbs = index.search(stored_vectors(index, picks), 6)
     found = [(ids[i], [ids[j] for j in nb if j >= 0 and j != i][:5]) for i, nb in zip(picks, nbs)]
     titles = titles_of(layout, [x for item, nb in found for x in (item, *nb)])
     smoke = [{"item_id": item, "title": titles.get(item, ""),

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from embed_assets.core.threads import scoped_threads
+
 
 @dataclass(frozen=True)
 class RqVaeConfig:
@@ -68,15 +70,8 @@ def resolve_device(requested: str) -> str:
 def _threads(device: str, n: int):
     import torch
 
-    if not device.startswith("cpu") or n <= 0:
+    with scoped_threads(torch.get_num_threads, torch.set_num_threads, n if device.startswith("cpu") else 0):
         yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _mlp(sizes: list[int]):

@@ -77,6 +77,7 @@ import numpy as np
 
 from embed_assets.core.atomic import _fsync_dir, abandoned_temp_file, sha256_file
 from embed_assets.core.rqvae import RqVaeConfig, RqVaeQuantizer
+from embed_assets.core.threads import scoped_threads
 from embed_assets.core import sid_report
 
 log_ = logging.getLogger(__name__)
@@ -335,12 +336,8 @@ def faiss_threads(n: int):
         return
     import faiss
 
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
+    with scoped_threads(faiss.omp_get_max_threads, faiss.omp_set_num_threads, n):
         yield
-    finally:
-        faiss.omp_set_num_threads(before)
 
 
 def train_quantizer(kind: str, x: np.ndarray, levels: int, codebook_size: int, config: SidConfig,
