@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]" 2> >(grep -v "is ignored: it is neither" >&2)
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,dg]" 2> >(grep -v "is ignored: it is neither" >&2)

@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+bash scripts/test_deps.sh
 set +e
 .venv/bin/python -m pytest -rfEs --durations=15 "$@"
 rc=$?
