@@ -27,6 +27,36 @@ def test_defs_load_with_the_whole_graph():
     assert graph.get(dg.AssetKey("item_embeddings")).partitions_def.name == "item_partitions"
 
 
+def test_every_asset_and_check_carries_what_a_ui_user_needs():
+    """Read from the Definitions, so an asset or check added later is held to the same: each asset is in the group of
+    the concern folder it is defined in (embed_assets/defs/<group>/), has an owner, kinds, a code version and a
+    description; each check has a description; item_embeddings runs in the encoder pool."""
+    import re
+
+    from embed_assets.defs.embeddings.assets import ENCODER_POOL
+    from embed_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    assert graph.get_all_asset_keys()
+    for key in graph.get_all_asset_keys():
+        node, name = graph.get(key), key.to_user_string()
+        module = node.assets_def.op.compute_fn.decorated_fn.__module__
+        concern = re.fullmatch(r"embed_assets\.defs\.(\w+)\.assets", module)
+        assert concern, f"{name} is defined in {module}, not in embed_assets/defs/<concern>/assets.py"
+        assert node.group_name == concern.group(1), f"{name}: group {node.group_name!r}, defined in {module}"
+        assert node.owners and all(re.fullmatch(r"team:[\w.-]+|[^@\s]+@[^@\s]+", o) for o in node.owners), name
+        spec = next(s for s in node.assets_def.specs if s.key == key)
+        assert spec.kinds, f"{name} has no kinds"
+        assert isinstance(node.code_version, str) and node.code_version.strip(), f"{name} has no code_version"
+        assert (node.description or "").strip(), f"{name} has no description"
+        assert (spec.metadata.get("files") or "").startswith("HOME/"), f"{name}: where its files are, under HOME"
+    for check in graph.asset_check_keys:
+        assert (graph.get_check_spec(check).description or "").strip(), f"check {check.name} has no description"
+    pools = {k.to_user_string(): graph.get(k).assets_def.op.pool for k in graph.get_all_asset_keys()}
+    assert pools.pop("item_embeddings") == ENCODER_POOL == "encoder"
+    assert set(pools.values()) == {None}  # only the encoder is scarce
+
+
 def test_loading_the_code_location_imports_no_torch_faiss_or_sentence_transformers():
     code = ("import sys, embed_assets.definitions; "
             "print(sorted(m for m in ('torch', 'faiss', 'sentence_transformers') if m in sys.modules))")
@@ -60,7 +90,9 @@ def test_dagster_webserver_serves_the_whole_graph(tmp_path):
     proc = subprocess.Popen([str(pathlib.Path(sys.executable).with_name("dagster-webserver")), "-w",
                              str(root / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    query = {"query": "{ assetNodes { assetKey { path } assetChecksOrError { ... on AssetChecks { checks { name } } } } }"}
+    query = {"query": "{ assetNodes { assetKey { path } groupName kinds opVersion description pools "
+                      "owners { ... on TeamAssetOwner { team } ... on UserAssetOwner { email } } "
+                      "assetChecksOrError { ... on AssetChecks { checks { name description } } } } }"}
     try:
         deadline = time.monotonic() + 120
         data = None
@@ -79,6 +111,21 @@ def test_dagster_webserver_serves_the_whole_graph(tmp_path):
         assert {"/".join(n["assetKey"]["path"]) for n in nodes} == ASSETS
         checks = {c["name"] for n in nodes for c in (n["assetChecksOrError"].get("checks") or [])}
         assert checks == CHECKS
+        # what the UI shows of each asset is what the Definitions say
+        from embed_assets.definitions import defs
+
+        graph = defs.resolve_asset_graph()
+        for n in nodes:
+            node = graph.get(dg.AssetKey(n["assetKey"]["path"]))
+            spec = next(s for s in node.assets_def.specs if s.key == node.key)
+            assert n["groupName"] == node.group_name
+            assert sorted(n["kinds"]) == sorted(spec.kinds)
+            assert n["opVersion"] == node.code_version
+            assert n["description"] == node.description
+            assert [f"team:{o['team']}" if "team" in o else o["email"] for o in n["owners"]] == list(node.owners)
+            assert n["pools"] == ([node.assets_def.op.pool] if node.assets_def.op.pool else [])
+            for c in n["assetChecksOrError"]["checks"]:
+                assert c["description"] == graph.get_check_spec(dg.AssetCheckKey(node.key, c["name"])).description
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

@@ -158,8 +158,7 @@ def _wait_until_loaded(ui, timeout_s: float) -> None:
     raise AssertionError(f"webserver/daemon not ready in {timeout_s} s (last: {last})\n{_logs_tail(ui)}")
 
 
-RUNS = """query($tags: [ExecutionTag!]) { runsOrError(filter: {tags: $tags}) { ... on Runs { results {
-  runId status assetSelection { path } tags { key value } } } } }"""
+RUNS = "{ runsOrError { ... on Runs { results { runId status assetSelection { path } tags { key value } } } } }"
 
 
 def _wait_for_run(ui, description: str, select, timeout_s: float = 240) -> dict:
@@ -239,11 +238,15 @@ def _walk_through_the_ui(ui, page):
             for n in nodes["assetNodes"] if n["assetChecksOrError"]["checks"]} == dict(checks_by_asset)
 
     # 1. The global asset lineage, every group expanded (Alt+E, the graph's "Expand all groups"): every asset.
+    groups = {graph.get(k).group_name for k in graph.get_all_asset_keys()}
     page.goto(f"{ui.url}/asset-groups")
-    for group in {graph.get(k).group_name for k in graph.get_all_asset_keys()}:
-        expect(page.get_by_text(group, exact=True).first).to_be_visible()
     names = page.locator('[class*="AssetNode_assetName"]')
-    page.keyboard.press("Alt+KeyE")  # toggles: all collapsed (a fresh browser) -> all expanded
+    collapsed = page.locator('[class*="CollapsedGroupNode_collapsedGroupNodeContainer"]')
+    expect(collapsed).to_have_count(len(groups))  # the graph is drawn, each group folded (a fresh browser)
+    for group in groups:
+        expect(collapsed.filter(has=page.get_by_text(group, exact=True))).to_have_count(1)
+    page.keyboard.press("Alt+KeyE")  # the graph's "Expand all groups" (it toggles: press once)
+    expect(collapsed).to_have_count(0)
     expect(names).to_have_count(len(assets))
     for a in assets:
         expect(names.filter(has_text=re.compile(rf"^\s*{re.escape(a)}\s*$"))).to_have_count(1)
@@ -301,7 +304,25 @@ def _walk_through_the_ui(ui, page):
     page.goto(f"{ui.url}/assets/item_embeddings?view=checks")
     expect(page.get_by_text("Passed", exact=True).first).to_be_visible()
 
-    # 6. The graph again, after the runs (what a user sees once the first partition is in).
+    # 6. What the asset page tells a user about item_embeddings: what the Definitions say.
+    node = graph.get(dg.AssetKey("item_embeddings"))
+    page.goto(f"{ui.url}/assets/item_embeddings")
+    page.get_by_text("Compute details", exact=True).click()
+    field = lambda label: page.locator(  # noqa: E731  (the value beside a label of the Definition panel)
+        f"xpath=//span[normalize-space()='{label}']/following-sibling::span[1]")
+    expect(field("Group")).to_have_text(node.group_name)
+    for owner in node.owners:
+        expect(field("Owners")).to_contain_text(owner.removeprefix("team:"))
+    expect(field("Code version")).to_contain_text(node.code_version)
+    expect(field("Pool")).to_contain_text(node.assets_def.op.pool)
+    kinds = next(s for s in node.assets_def.specs if s.key == node.key).kinds
+    shown = field("Kinds").locator("[class*=OpTags_opTagsContainer]")  # one tag per kind: icon + display name
+    expect(shown).to_have_count(len(kinds))
+    assert sorted(t.strip().lower() for t in shown.all_inner_texts()) == sorted(kinds)
+    expect(page.get_by_text("partition_keys", exact=True)).to_be_visible()
+    _shot(page, "06_item_embeddings_overview")
+
+    # 7. The graph again, after the runs (what a user sees once the first partition is in).
     page.goto(f"{ui.url}/asset-groups")
     expect(page.get_by_text("processed_items", exact=True).first).to_be_visible()
     page.wait_for_timeout(2000)

@@ -6,17 +6,32 @@ from embed_assets.core.atomic import atomic_write_json
 from embed_assets.core.faults import pause_point
 from embed_assets.core.metering import metered
 from embed_assets.core.shards import ShardError, summarize_norms
-from embed_assets.defs.embeddings.partitions import item_partitions
+from embed_assets.defs import OWNERS
+from embed_assets.defs.embeddings.partitions import PARTITION_KEYS_HELP, item_partitions
 from embed_assets.defs.items.assets import processed_items
 from embed_assets.defs.metadata import md_table, norms_metadata
 from embed_assets.resources import EncoderResource, HomeResource, QualityThresholds
+
+# code_version: bump when the asset's logic changes what it writes (not for a refactor); the UI then shows it
+# and everything downstream as stale ("code version changed"). See README, *The UI*.
+ITEM_EMBEDDINGS_CODE_VERSION = "1"
+EMBEDDING_NORMS_CODE_VERSION = "1"
+# The concurrency pool of the encoder: item_embeddings steps across all runs share its slots (the instance sets the
+# limit, `concurrency: pools:` in dagster.yaml), so a backfill of many partitions never runs more model copies than
+# the machine holds.
+ENCODER_POOL = "encoder"
 
 
 @dg.asset(
     partitions_def=item_partitions,
     deps=[processed_items],
     group_name="embeddings",
-    kinds={"pytorch"},
+    kinds={"pytorch", "parquet", "duckdb"},
+    owners=OWNERS,
+    code_version=ITEM_EMBEDDINGS_CODE_VERSION,
+    pool=ENCODER_POOL,
+    metadata={"files": "HOME/embeddings/shard_<partition>.pt (+ .items.parquet, .manifest.json)",
+              "partition_keys": dg.MetadataValue.md(PARTITION_KEYS_HELP)},
     # A row group (200,000 rows by default) is tens of minutes of encoding: one run per partition keeps a
     # failed partition retryable alone and lets backfill runs go in parallel.
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
@@ -65,7 +80,8 @@ def item_embeddings(context: dg.AssetExecutionContext, home: HomeResource, encod
     )
 
 
-@dg.asset(deps=[item_embeddings], group_name="embeddings", kinds={"numpy"})
+@dg.asset(deps=[item_embeddings], group_name="embeddings", kinds={"numpy", "json"}, owners=OWNERS,
+          code_version=EMBEDDING_NORMS_CODE_VERSION, metadata={"files": "HOME/reports/embedding_norms.json"})
 def embedding_norms(context: dg.AssetExecutionContext, home: HomeResource,
                     thresholds: QualityThresholds) -> dg.MaterializeResult:
     """Norm statistics over every current shard (mean, std, min, max, fraction outside the tolerance), with one

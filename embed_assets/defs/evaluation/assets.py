@@ -3,9 +3,14 @@ import dagster as dg
 from embed_assets.core.index import IndexBuildError
 from embed_assets.core.metering import metered
 from embed_assets.core.report import evaluate, write_report
+from embed_assets.defs import OWNERS
 from embed_assets.defs.index.assets import faiss_index
 from embed_assets.defs.metadata import md_table
 from embed_assets.resources import EncoderResource, EvalSettings, HomeResource
+
+# code_version: bump when the asset's logic changes what it writes (not for a refactor); the UI then shows it
+# and everything downstream as stale ("code version changed"). See README, *The UI*.
+RETRIEVAL_REPORT_CODE_VERSION = "1"
 
 
 def _monitoring_metadata(report: dict) -> dict:
@@ -21,7 +26,9 @@ def _monitoring_metadata(report: dict) -> dict:
     return {k: float(v) for k, v in pairs.items() if v is not None}
 
 
-@dg.asset(deps=[faiss_index], group_name="evaluation", kinds={"markdown"})
+@dg.asset(deps=[faiss_index], group_name="evaluation", kinds={"pytorch", "faiss", "markdown"}, owners=OWNERS,
+          code_version=RETRIEVAL_REPORT_CODE_VERSION,
+          metadata={"files": "HOME/reports/retrieval_eval.md, HOME/reports/retrieval_eval.json"})
 def retrieval_report(context: dg.AssetExecutionContext, home: HomeResource, encoder: EncoderResource,
                      retrieval: EvalSettings) -> dg.MaterializeResult:
     """Retrieval quality of the index: nDCG@10, recall@10/100, MRR@10 on labelled queries when configured; ANN

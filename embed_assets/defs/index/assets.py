@@ -4,11 +4,20 @@ from embed_assets.core.index import IndexBuildError, build_from_shards
 from embed_assets.core.items import ItemsError, load_partitions
 from embed_assets.core.metering import metered
 from embed_assets.core.shards import ShardError
+from embed_assets.defs import OWNERS
 from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
 from embed_assets.resources import EncoderResource, EvalSettings, HomeResource, QualityThresholds
 
 
-@dg.asset(deps=[item_embeddings, embedding_norms], group_name="index", kinds={"faiss"})
+# code_version: bump when the asset's logic changes what it writes (not for a refactor); the UI then shows it
+# and everything downstream as stale ("code version changed"). See README, *The UI*.
+FAISS_INDEX_CODE_VERSION = "1"
+
+
+@dg.asset(deps=[item_embeddings, embedding_norms], group_name="index", kinds={"faiss", "parquet", "duckdb"},
+          owners=OWNERS, code_version=FAISS_INDEX_CODE_VERSION,
+          metadata={"files": "HOME/index/<version>/ (items.faiss, items.ids.parquet, manifest.json), "
+                             "HOME/index/current"})
 def faiss_index(context: dg.AssetExecutionContext, home: HomeResource, retrieval: EvalSettings,
                 thresholds: QualityThresholds, encoder: EncoderResource) -> dg.MaterializeResult:
     """A FAISS inner-product index over every current, checked shard, with its id map. `auto` (default): exact

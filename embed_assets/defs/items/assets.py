@@ -6,12 +6,21 @@ from embed_assets.core import catalog
 from embed_assets.core.items import ItemsError, process_items
 from embed_assets.core.shards import list_manifests, partition_lock, remove_shard
 from embed_assets.core.metering import metered
-from embed_assets.defs.embeddings.partitions import item_partitions
+from embed_assets.defs import OWNERS
+from embed_assets.defs.embeddings.partitions import PARTITION_KEYS_HELP, item_partitions
 from embed_assets.defs.metadata import md_table
 from embed_assets.resources import HomeResource, ItemSource
 
+# code_version: bump when the asset's logic changes what it writes (not for a refactor); the UI then shows it
+# and everything downstream as stale ("code version changed"). See README, *The UI*.
+PROCESSED_ITEMS_CODE_VERSION = "1"
 
-@dg.asset(group_name="items", kinds={"parquet", "duckdb"})
+
+@dg.asset(group_name="items", kinds={"python", "duckdb", "parquet"}, owners=OWNERS,
+          code_version=PROCESSED_ITEMS_CODE_VERSION,
+          metadata={"files": "HOME/processed/partitions/<partition>.parquet, HOME/processed/partitions.json, "
+                             "HOME/reports/rejects.jsonl",
+                    "partition_keys": dg.MetadataValue.md(PARTITION_KEYS_HELP)})
 def processed_items(context: dg.AssetExecutionContext, home: HomeResource, items: ItemSource) -> dg.MaterializeResult:
     """The item catalog, cleaned and de-duplicated: one row per item id with its text, title and text hash, in one
     Parquet file per stable partition (a hash prefix of the item id), each one partition of item_embeddings. Read in

@@ -5,9 +5,14 @@ from embed_assets.core.items import ItemsError, load_partitions, titles_of
 from embed_assets.core.metering import metered
 from embed_assets.core.semantic_ids import (SemanticIdError, build_semantic_ids, shards_from_layout, sid_root)
 from embed_assets.core.shards import ShardError, current_shards
+from embed_assets.defs import OWNERS
 from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
 from embed_assets.defs.metadata import md_table
 from embed_assets.resources import HomeResource, QualityThresholds, SemanticIdSettings
+
+# code_version: bump when the asset's logic changes what it writes (not for a refactor); the UI then shows it
+# and everything downstream as stale ("code version changed"). See README, *The UI*.
+SEMANTIC_IDS_CODE_VERSION = "1"
 
 
 class SemanticIdRunConfig(dg.Config):
@@ -38,8 +43,10 @@ def sid_metadata(md: dict, levels: int) -> dict[str, dg.MetadataValue]:
     return out
 
 
-@dg.asset(deps=[item_embeddings, embedding_norms], group_name="semantic_ids", kinds={"faiss", "parquet"},
-          owners=["team:ml-platform"])
+@dg.asset(deps=[item_embeddings, embedding_norms], group_name="semantic_ids", kinds={"faiss", "parquet", "duckdb"},
+          owners=OWNERS, code_version=SEMANTIC_IDS_CODE_VERSION,
+          metadata={"files": "HOME/semantic_ids/<version>/, HOME/semantic_ids/current, "
+                             "HOME/reports/semantic_ids.md, HOME/reports/semantic_ids.json"})
 def semantic_ids(context: dg.AssetExecutionContext, config: SemanticIdRunConfig, home: HomeResource,
                  sids: SemanticIdSettings, thresholds: QualityThresholds) -> dg.MaterializeResult:
     """TIGER-style Semantic IDs for every item: residual-quantization codes of its vector plus a collision digit
