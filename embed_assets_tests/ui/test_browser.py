@@ -320,10 +320,10 @@ def _walk_through_the_ui(ui, page):
     expect(shown).to_have_count(len(kinds))
     assert sorted(t.strip().lower() for t in shown.all_inner_texts()) == sorted(kinds)
     expect(page.get_by_text("partition_keys", exact=True)).to_be_visible()
-    _shot(page, "06_item_embeddings_overview")
+    _shot(page, "05_item_embeddings_overview")
 
     # 7. The graph again, after the runs (what a user sees once the first partition is in).
     page.goto(f"{ui.url}/asset-groups")
     expect(page.get_by_text("processed_items", exact=True).first).to_be_visible()
     page.wait_for_timeout(2000)
-    _shot(page, "05_asset_graph_after_runs")
+    _shot(page, "06_asset_graph_after_runs")

@@ -11,8 +11,11 @@ item_partitions = dg.DynamicPartitionsDefinition(name="item_partitions")
 # files and run keys are named after it, and the UI sorts keys so that a partition and its split children sit together.
 PARTITION_KEYS_HELP = """\
 A partition key is `p` followed by the first bits of the item id's SHA-256: `p0110` holds every item whose id hashes
-to `0110…` (hex `60000000`–`6fffffff`), 1/16 of all ids. More bits, smaller slice: a partition that outgrows the
+to `0110…` (hex `60000000`–`6fffffff`), about 1/16 of all ids. More bits, smaller slice: a partition that outgrows the
 target size splits into its two children (`p0110` -> `p01100`, `p01101`), and a key never changes meaning.
+
+The partitions come from processed_items: materialize it first (on a fresh instance item_embeddings has none, and
+*Materialize all* offers 0 partitions), then item_embeddings (*Materialize…* -> *All*: one run per partition).
 
 Which partition holds an item? `SELECT partition FROM items WHERE item_id = '…'` in `HOME/catalog/read.duckdb`, or
 the first hex digits of `sha256(item_id)`."""
