@@ -64,7 +64,8 @@ def test_pipes_subprocess_writes_the_same_shard_as_in_process(tmp_path, small_co
         key = keys[0]
         result = _embed(defs, instance, key)
         assert [(c.check_name, c.passed) for c in result.get_asset_check_evaluations()] == [("shard_norm_check", True)]
-        meta[name] = result.asset_materializations_for_node("item_embeddings")[0].metadata
+        mat = result.asset_materializations_for_node("item_embeddings")[0]
+        meta[name] = mat.metadata
         layout = Layout.at(tmp_path / name)
         m = read_manifest(layout, key)
         data = torch.load(layout.shard_pt(key), weights_only=True)
@@ -73,6 +74,7 @@ def test_pipes_subprocess_writes_the_same_shard_as_in_process(tmp_path, small_co
                        "manifest": {k: v for k, v in json.loads(layout.shard_manifest(key).read_text()).items()
                                     if k != "created_at"}}
         assert (m.shard_sha256, m.fingerprint) == (meta[name]["sha256"].value, meta[name]["fingerprint"].value)
+        assert mat.tags["dagster/data_version"] == m.fingerprint  # the data version, as in-process
         rows[name] = catalog.query(layout, f"SELECT {SHARD_COLUMNS} FROM shards ORDER BY partition")
         items[name] = catalog.query(layout, 'SELECT item_id, partition, "row", text_hash FROM items ORDER BY item_id')
         if runner == "subprocess":
