@@ -17,8 +17,8 @@ from embed_assets.defs.items.sensors import raw_items_sensor
 from embed_assets.defs.jobs import JOBS
 from embed_assets.defs.semantic_ids.assets import semantic_ids
 from embed_assets.defs.semantic_ids.checks import codebook_utilization, extra_digit_capacity, unique_semantic_ids
-from embed_assets.resources import (EncoderResource, EvalSettings, HomeResource, ItemSource, QualityThresholds,
-                                    SemanticIdSettings)
+from embed_assets.resources import (EncodeCompute, EncoderResource, EvalSettings, HomeResource, ItemSource,
+                                    K8sEncodeConfig, QualityThresholds, SemanticIdSettings)
 from embed_assets.settings import Settings
 
 ASSETS = [processed_items, item_embeddings, embedding_norms, faiss_index, retrieval_report, semantic_ids]
@@ -37,6 +37,8 @@ def build_resources(s: Settings) -> dict[str, dg.ConfigurableResource]:
                             text_fields=s.text_fields, partition_size=s.partition_size,
                             memory_budget_mb=s.memory_budget_mb),
         "encoder": EncoderResource(chunking=s.chunking, device=s.device, precision=s.precision),
+        "encode_compute": EncodeCompute(runner=s.encode_runner, k8s=K8sEncodeConfig(**s.k8s)),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
         "retrieval": EvalSettings(queries_path=s.queries, qrels_path=s.qrels, index_kind=s.index_kind),
         "thresholds": QualityThresholds(**thresholds),
         "sids": SemanticIdSettings(enabled=s.semantic_ids, quantizer=s.sid_quantizer, levels=s.sid_levels,
@@ -44,12 +46,27 @@ def build_resources(s: Settings) -> dict[str, dg.ConfigurableResource]:
     }
 
 
+def build_executor(s: Settings) -> dg.ExecutorDefinition | None:
+    """EMBED_ASSETS_EXECUTOR: "default" (None: Dagster's multiprocess executor) or "k8s_job" (every step its own
+    Kubernetes Job, needs dagster-k8s and the K8sRunLauncher), configured from the same EMBED_ASSETS_K8S_* settings
+    as the Pipes pod: HOME's volume on every step, the GPU pool for the item_embeddings step."""
+    if s.executor in ("", "default", "multiprocess"):
+        return None
+    if s.executor != "k8s_job":
+        raise ValueError(f"EMBED_ASSETS_EXECUTOR={s.executor!r}: use default or k8s_job")
+    from embed_assets.defs.embeddings.pipes import import_dagster_k8s, k8s_executor_config
+
+    executor = import_dagster_k8s("EMBED_ASSETS_EXECUTOR=k8s_job").k8s_job_executor
+    config = k8s_executor_config(K8sEncodeConfig(**s.k8s), str(Path(s.home).resolve()))
+    return executor.configured(config) if config else executor
+
+
 def build_definitions(s: Settings, encoder_resource: dg.ConfigurableResource | None = None) -> dg.Definitions:
     resources = build_resources(s)
     if encoder_resource is not None:
         resources["encoder"] = encoder_resource
     return dg.Definitions(assets=ASSETS, asset_checks=CHECKS, jobs=JOBS, sensors=[raw_items_sensor],
-                          schedules=[refresh_schedule],
+                          schedules=[refresh_schedule], executor=build_executor(s),
                           resources=resources)
 
 

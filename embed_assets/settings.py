@@ -59,6 +59,9 @@ class Settings:
     sid_quantizer: str = "rq_kmeans"  # semantic IDs: rq_kmeans or rqvae
     sid_levels: int = 3
     sid_codebook_size: int = 256
+    encode_runner: str = "in_process"  # where item_embeddings encodes a partition: in_process, subprocess or k8s
+    executor: str = "default"  # default (multiprocess) or k8s_job (dagster_k8s.k8s_job_executor)
+    k8s: dict = field(default_factory=dict)  # K8sEncodeConfig fields (the GPU pod), from EMBED_ASSETS_K8S_*
 
     @classmethod
     def sample(cls, home: str) -> "Settings":
@@ -90,4 +93,43 @@ class Settings:
             s.sid_levels = int(env["EMBED_ASSETS_SID_LEVELS"])
         if env.get("EMBED_ASSETS_SID_CODEBOOK_SIZE"):
             s.sid_codebook_size = int(env["EMBED_ASSETS_SID_CODEBOOK_SIZE"])
+        s.encode_runner = env.get("EMBED_ASSETS_ENCODE_RUNNER", s.encode_runner)
+        s.executor = env.get("EMBED_ASSETS_EXECUTOR", s.executor)
+        s.k8s = k8s_from_env(env)
         return s
+
+
+# EMBED_ASSETS_K8S_<NAME> -> K8sEncodeConfig.<name>: how each variable is read.
+_K8S_ENV = {"IMAGE": ("image", str), "NAMESPACE": ("namespace", str), "GPUS": ("gpus", int),
+            "GPU_RESOURCE": ("gpu_resource", str), "CPU": ("cpu", str), "MEMORY": ("memory", str),
+            "HOME": ("home", str), "HOME_CLAIM": ("home_claim", str), "SERVICE_ACCOUNT": ("service_account", str),
+            "NODE_SELECTOR": ("node_selector", "pairs"), "TOLERATIONS": ("tolerations", "json")}
+
+
+def k8s_from_env(env) -> dict:
+    """The GPU pod's settings from EMBED_ASSETS_K8S_* (only those set). NODE_SELECTOR is `key=value,key=value`;
+    TOLERATIONS a JSON list of k8s tolerations."""
+    import json
+
+    out: dict = {}
+    for name, (fld, kind) in _K8S_ENV.items():
+        var = f"EMBED_ASSETS_K8S_{name}"
+        raw = env.get(var, "").strip()
+        if not raw:
+            continue
+        try:
+            if kind == "pairs":
+                pairs = [p.partition("=") for p in raw.split(",") if p.strip()]
+                if any(not k.strip() or not sep for k, sep, _ in pairs):
+                    raise ValueError("expected key=value[,key=value...]")
+                out[fld] = {k.strip(): v.strip() for k, _, v in pairs}
+            elif kind == "json":
+                value = json.loads(raw)
+                if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+                    raise ValueError("expected a JSON list of objects")
+                out[fld] = value
+            else:
+                out[fld] = kind(raw)
+        except ValueError as e:
+            raise ValueError(f"{var}={raw!r}: {e}") from None
+    return out

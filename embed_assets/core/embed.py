@@ -159,14 +159,18 @@ def embed_partition(
     say: Callable[[str], None] = log.info,
     reuse: bool = True,
     catalog_timeout_s: float = catalog.DEFAULT_TIMEOUT_S,
+    record: bool = True,
 ) -> EmbedOutcome:
+    """`record`: record the shard in the catalog here (`ensure_cataloged`). False leaves that to the caller, e.g. the
+    orchestrator after an external encode step (Dagster Pipes) whose process has no business writing the DuckDB file;
+    the outcome then says `cataloged=False` until the caller records it."""
     # One writer per partition at a time: a second run of the same partition waits, then finds the shard current.
     with partition_lock(layout, key):
-        return _embed_partition(layout, key, encoder, say, reuse, catalog_timeout_s)
+        return _embed_partition(layout, key, encoder, say, reuse, catalog_timeout_s, record)
 
 
 def _embed_partition(layout: Layout, key: str, encoder: Encoder, say: Callable[[str], None], reuse: bool,
-                     catalog_timeout_s: float) -> EmbedOutcome:
+                     catalog_timeout_s: float, record: bool) -> EmbedOutcome:
     t0 = time.perf_counter()
     table = read_partition(layout, key)
     ids = table.column("item_id").to_pylist()
@@ -183,8 +187,8 @@ def _embed_partition(layout: Layout, key: str, encoder: Encoder, say: Callable[[
         current = None
     if current is not None and current.fingerprint == fp and not verify_files(layout, current):
         say(f"{key}: shard is current (fingerprint {fp}); nothing to do")
-        _ensure_cataloged(layout, current, say, catalog_timeout_s)
-        return EmbedOutcome(current, skipped=True, seconds=time.perf_counter() - t0)
+        out = EmbedOutcome(current, skipped=True, seconds=time.perf_counter() - t0, cataloged=False)
+        return record_outcome(layout, out, say, catalog_timeout_s) if record else out
 
     n = len(ids)
     emb = np.empty((n, encoder.dim), dtype=np.float16)
@@ -212,12 +216,23 @@ def _embed_partition(layout: Layout, key: str, encoder: Encoder, say: Callable[[
         n_encoded=len(idx), n_reused=n_reused, precision=getattr(encoder, "precision", "") if len(idx) else "",
     )
     write_shard(layout, manifest, ids, hashes, emb)
-    cataloged = _ensure_cataloged(layout, manifest, say, catalog_timeout_s, force=True)
-    return EmbedOutcome(manifest, skipped=False, n_encoded=len(idx), n_reused=n_reused, stats=stats,
-                        seconds=time.perf_counter() - t0, cataloged=cataloged)
+    out = EmbedOutcome(manifest, skipped=False, n_encoded=len(idx), n_reused=n_reused, stats=stats,
+                       seconds=time.perf_counter() - t0, cataloged=False)
+    return record_outcome(layout, out, say, catalog_timeout_s) if record else out
 
 
-def _ensure_cataloged(layout: Layout, m: ShardManifest, say, timeout_s: float, force: bool = False) -> bool:
+def record_outcome(layout: Layout, out: EmbedOutcome, say: Callable[[str], None] = log.info,
+                   timeout_s: float = catalog.DEFAULT_TIMEOUT_S) -> EmbedOutcome:
+    """Record a partition's shard in the catalog as `embed_partition` does: a shard written now is recorded, a current
+    one only if its catalog row differs. Sets and returns `out.cataloged` (False: deferred to the next sync)."""
+    out.cataloged = ensure_cataloged(layout, out.manifest, say, timeout_s, force=not out.skipped)
+    return out
+
+
+def ensure_cataloged(layout: Layout, m: ShardManifest, say: Callable[[str], None] = log.info,
+                     timeout_s: float = catalog.DEFAULT_TIMEOUT_S, force: bool = False) -> bool:
+    """Record a written shard in the catalog (`force`), or only if its row there differs (a skipped, current shard).
+    False when the catalog is busy or broken: deferred to the next sync, never a failure."""
     try:
         if not force:
             rows = catalog.query(layout, "SELECT sha256, fingerprint FROM shards WHERE partition = ?", [m.partition],

@@ -8,9 +8,10 @@ from embed_assets.core.metering import metered
 from embed_assets.core.shards import ShardError, summarize_norms
 from embed_assets.defs import OWNERS
 from embed_assets.defs.embeddings.partitions import PARTITION_KEYS_HELP, item_partitions
+from embed_assets.defs.embeddings.pipes import encode_externally
 from embed_assets.defs.items.assets import processed_items
 from embed_assets.defs.metadata import md_table, norms_metadata
-from embed_assets.resources import EncoderResource, HomeResource, QualityThresholds
+from embed_assets.resources import EncodeCompute, EncoderResource, HomeResource, QualityThresholds
 
 # code_version: bump when the asset's logic changes what it writes (not for a refactor); the UI then shows it
 # and everything downstream as stale ("code version changed"). See README, *The UI*.
@@ -36,11 +37,15 @@ ENCODER_POOL = "encoder"
     # failed partition retryable alone and lets backfill runs go in parallel.
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
 )
-def item_embeddings(context: dg.AssetExecutionContext, home: HomeResource, encoder: EncoderResource) -> dg.MaterializeResult:
+def item_embeddings(context: dg.AssetExecutionContext, home: HomeResource, encoder: EncoderResource,
+                    encode_compute: EncodeCompute,
+                    pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """One shard of unit-length all-MiniLM-L6-v2 vectors (384-d, fp16) per partition of processed items:
     `embeddings/shard_<partition>.pt`, loadable with `torch.load(path, weights_only=True)`."""
     pause_point("embed_start")
     key = context.partition_key
+    if encode_compute.checked_runner() != "in_process":  # a subprocess or a K8s GPU pod, through Dagster Pipes
+        return encode_externally(context, home, encoder, encode_compute, pipes_subprocess_client)
     with metered() as usage:
         try:
             out = embed_partition(home.layout, key, encoder.encoder, say=context.log.info, reuse=encoder.reuse)
