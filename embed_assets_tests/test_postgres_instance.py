@@ -106,8 +106,8 @@ def test_the_postgres_profile_keeps_runs_partitions_and_sensor_ticks_in_postgres
         assert state.is_running
         assert list(json.loads(state.instigator_data.cursor)["files"]) == [str(raw)]
 
-        # The `encoder` pool gets the profile's limit, held in PostgreSQL: one slot, a second claim waits.
-        fresh.event_log_storage.initialize_concurrency_limit_to_default("encoder")
+        # The `encoder` pool (item_embeddings' pool) got the profile's limit when the partition ran, held in
+        # PostgreSQL: one slot, a second claim waits.
         assert fresh.event_log_storage.get_concurrency_info("encoder").slot_count == 1
         assert fresh.event_log_storage.claim_concurrency_slot("encoder", "run-a", "embed").is_claimed
         assert not fresh.event_log_storage.claim_concurrency_slot("encoder", "run-b", "embed").is_claimed
