@@ -1,3 +1,5 @@
+import warnings
+
 import dagster as dg
 
 from embed_assets.core.items import ItemsError, load_partitions
@@ -21,6 +23,9 @@ EMBEDDING_NORMS_CODE_VERSION = "1"
 # limit, `concurrency: pools:` in dagster.yaml), so a backfill of many partitions never runs more model copies than
 # the machine holds.
 ENCODER_POOL = "encoder"
+# backfill_policy is a beta parameter of dagster 1.13 (hence the pin); we rely on it knowingly, and the warning would
+# otherwise print on every load of the code location (`dagster dev`, each run).
+warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=dg.BetaWarning)
 
 
 @dg.asset(
