@@ -208,7 +208,8 @@ def _embed_partition(layout: Layout, key: str, encoder: Encoder, say: Callable[[
                 "(checksums verified)")
     if trusted and current.fingerprint == fp:
         say(f"{key}: shard is current (fingerprint {fp}); nothing to {'encode' if fetched else 'do'}")
-        publish_shard(layout, current)
+        if not fetched:  # (a shard just taken from the store is there already)
+            publish_shard(layout, current)
         _ensure_cataloged(layout, current, say, catalog_timeout_s)
         return EmbedOutcome(current, skipped=True, seconds=time.perf_counter() - t0, fetched=fetched)
 

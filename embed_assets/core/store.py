@@ -244,15 +244,16 @@ class Store:
         _count(deletes=1)
 
 
-_STORES: dict[tuple[str, str], Store] = {}
+_STORES: dict[tuple[int, str, str], Store] = {}
 
 
 def store_for(base_uri: str | None) -> Store | None:
-    """The Store of a base URI (one per URI and storage options in a process); None when there is no base URI."""
+    """The Store of a base URI (one per URI and storage options in a process: a forked step process makes its own,
+    never shares its parent's connections); None when there is no base URI."""
     if not base_uri:
         return None
     opts = storage_options_from_env()
-    key = (base_uri, json.dumps(opts, sort_keys=True))
+    key = (os.getpid(), base_uri, json.dumps(opts, sort_keys=True))
     st = _STORES.get(key)
     if st is None:
         st = _STORES[key] = Store(base_uri, opts)
