@@ -244,3 +244,40 @@ def test_a_shard_republished_while_it_is_fetched_is_taken_whole_from_the_new_man
     monkeypatch.undo()
     with pytest.raises(Untrusted, match="not a manifest of shard p1"):
         fetch_shard(reader, "p1")
+
+
+def test_index_versions_follow_the_newest_of_home_and_store_and_an_untrusted_one_is_left_alone(base_uri, tmp_path):
+    import numpy as np
+
+    from embed_assets.core.index import (build_index, current_version, load_index, read_index_manifest, save_index,
+                                         sync_index_with_store)
+
+    def index_of(n: int):
+        x = np.random.default_rng(n).standard_normal((n, 384)).astype(np.float32)
+        return build_index(x / np.linalg.norm(x, axis=1, keepdims=True)), [f"i{j}" for j in range(n)]
+
+    a = Layout.at(tmp_path / "a", base_uri)
+    save_index(a, *index_of(5), {"kind": "flat"})  # v00001, published with its pointer
+    store = a.store
+    assert read_pointer(store, "index")["version"] == "v00001"
+    assert sync_index_with_store(a) == "same"
+
+    b = Layout.at(tmp_path / "b", base_uri)
+    assert sync_index_with_store(b) == "fetched" and current_version(b) == "v00001"
+    assert list(load_index(b)[1]) == [f"i{j}" for j in range(5)]
+
+    # A truncated index object in the store: a fresh HOME does not take it, builds its own, numbered past the store's
+    store.put_bytes("index/v00001/items.faiss", store.get_bytes("index/v00001/items.faiss")[:50])
+    c = Layout.at(tmp_path / "c", base_uri)
+    said = []
+    assert sync_index_with_store(c, say=said.append) == "untrusted" and current_version(c) is None
+    assert f"{base_uri}/index/v00001/items.faiss has sha256" in said[0]
+    save_index(c, *index_of(7), {"kind": "flat"})
+    assert current_version(c) == "v00002" and read_pointer(store, "index")["version"] == "v00002"
+
+    # HOME a's live version is now older than the store's: it takes the store's
+    assert sync_index_with_store(a) == "fetched" and current_version(a) == "v00002"
+    assert read_index_manifest(a)["n_items"] == 7
+    # a store that lost its pointer gets HOME's live version published again
+    store.delete("index/current")
+    assert sync_index_with_store(a) == "published" and read_pointer(store, "index")["version"] == "v00002"
