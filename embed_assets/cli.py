@@ -70,12 +70,17 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
     from embed_assets.definitions import build_definitions
     from embed_assets.defs.embeddings.partitions import item_partitions
 
+    from embed_assets.core.store import STATS
+
     t0 = time.perf_counter()
-    layout = Layout.at(settings.home)
+    layout = Layout.at(settings.home, settings.base_uri)
     defs = build_definitions(settings, encoder_resource)
     instance = _instance()
     summary: dict[str, Any] = {"home": str(layout.home), "items": settings.items, "failures": [], "checks": [],
                                "cpu0": time.process_time()}
+    if settings.base_uri:
+        summary["base_uri"] = settings.base_uri
+        summary["store0"] = STATS.as_dict()
     if layout.home.exists():
         from embed_assets.core.verify import verify
 
@@ -243,7 +248,19 @@ def _finish(layout, summary: dict[str, Any], t0: float, log) -> tuple[int, dict[
         summary["cpu_seconds"] = round(time.process_time() - summary.pop("cpu0"), 2)
     failed_checks = [c for c in summary["checks"] if not c["passed"]]
     summary["ok"] = not summary["failures"] and not failed_checks
+    if "store0" in summary:  # this run's requests to the base URI and bytes moved (core/store.py)
+        from embed_assets.core.store import STATS
+
+        before = summary.pop("store0")
+        summary["store"] = {k: v - before.get(k, 0) for k, v in STATS.as_dict().items()}
     atomic_write_json(layout.run_summary_json, summary)
+    if layout.store is not None:
+        from embed_assets.core.store import StoreError, publish_reports
+
+        try:
+            publish_reports(layout.store, layout.reports_dir, [layout.run_summary_json.name])
+        except StoreError as e:
+            log(f"  run summary not published: {e}")
     log("")
     for k in ("n_items", "n_rejected", "n_duplicates", "n_partitions", "n_encoded", "n_reused"):
         if k in summary:
@@ -270,6 +287,10 @@ def _finish(layout, summary: dict[str, Any], t0: float, log) -> tuple[int, dict[
         log(f"  CHECK FAILED  {c['check']} {c.get('partition') or ''}: {c['detail']}")
     for f in summary["failures"]:
         log(f"  STEP FAILED   {f}")
+    if summary.get("store"):
+        st = summary["store"]
+        log(f"  store {summary.get('base_uri')}: {st['puts']:,} PUTs ({st['bytes_up']:,} bytes), {st['gets']:,} GETs "
+            f"({st['bytes_down']:,} bytes), {st['heads']:,} HEADs, {st['lists']:,} LISTs")
     log(f"  {'ok' if summary['ok'] else 'FAILED'} in {summary['seconds']:.1f} s; summary in {layout.run_summary_json}")
     return (0 if summary["ok"] else 1), summary
 
@@ -294,6 +315,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         if getattr(a, k) is not None:
             setattr(s, k, getattr(a, k))
     s.chunking, s.device, s.index_kind, s.precision = a.chunking, a.device, a.index_kind, a.precision
+    s.base_uri = a.base_uri or None
     if a.no_semantic_ids:
         s.semantic_ids = False
     if bool(s.queries) != bool(s.qrels):
@@ -433,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--home", default=home_from_env(),
                    help="platform HOME (default: $EMBED_ASSETS_HOME or ./data)")
     r.add_argument("--items", action="append", help="raw item file or folder (repeatable); default: bundled SciFact")
+    r.add_argument("--base-uri", default=os.environ.get("EMBED_ASSETS_BASE_URI"),
+                   help="also publish shards, index, semantic IDs and reports there, and take them from there when "
+                        "HOME lacks them (s3://bucket/prefix, file:///path; default $EMBED_ASSETS_BASE_URI: none)")
     r.add_argument("--id-field", help="id field (default _id)")
     r.add_argument("--text-fields", help="comma-separated text fields, joined with a space (default title,text)")
     r.add_argument("--partition-size", type=int,

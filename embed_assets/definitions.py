@@ -32,7 +32,7 @@ def build_resources(s: Settings) -> dict[str, dg.ConfigurableResource]:
         "min_recall_at_100": s.min_recall_at_100, "min_ann_recall_at_10": s.min_ann_recall_at_10,
     }.items() if v is not None}
     return {
-        "home": HomeResource(path=str(Path(s.home).resolve())),
+        "home": HomeResource(path=str(Path(s.home).resolve()), base_uri=s.base_uri),
         "items": ItemSource(paths=[str(Path(p).resolve()) for p in s.items], id_field=s.id_field,
                             text_fields=s.text_fields, partition_size=s.partition_size,
                             memory_budget_mb=s.memory_budget_mb),

@@ -41,6 +41,7 @@ def split_fields(value: str) -> list[str]:
 class Settings:
     home: str
     items: list[str]
+    base_uri: Optional[str] = None  # shards, index, semantic IDs and reports also live there (core/store.py)
     id_field: str = "_id"
     text_fields: list[str] = field(default_factory=lambda: ["title", "text"])
     partition_size: int = DEFAULT_PARTITION_SIZE
@@ -74,6 +75,7 @@ class Settings:
         home = home_from_env()
         items = env.get("EMBED_ASSETS_ITEMS")
         s = cls(home=home, items=items.split(os.pathsep)) if items else cls.sample(home)
+        s.base_uri = env.get("EMBED_ASSETS_BASE_URI") or None
         s.id_field = env.get("EMBED_ASSETS_ID_FIELD", s.id_field)
         if env.get("EMBED_ASSETS_TEXT_FIELDS"):
             s.text_fields = split_fields(env["EMBED_ASSETS_TEXT_FIELDS"])

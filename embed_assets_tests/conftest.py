@@ -107,3 +107,49 @@ def embed_catalog(layout, corpus: Path, encoder, partition_size: int) -> None:
     process_items(layout, [corpus], "_id", ["title"], partition_size)
     for p in load_partitions(layout):
         embed_partition(layout, p["partition"], encoder)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A local S3-compatible server (moto in server mode, on loopback, a free port) for this test session, with the
+    standard AWS variables pointing at it (as a user would point them at MinIO or S3); stopped at the end. Tests
+    create their own bucket (`new_bucket`)."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
+    os.environ.update(env)
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(k, None)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def new_bucket(s3_endpoint) -> str:
+    """A fresh bucket on the session's S3 server: `s3://<bucket>`."""
+    import uuid
+
+    import boto3
+
+    name = f"embed-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -7,6 +7,11 @@ Re-use looks vectors up by (text hash, embedding version) at a cost that grows w
 the catalog: first in the few shards an item of this partition can have lived in (its own, its previous generation,
 its ancestors' after a split: partitions are hash prefixes of the id, so items never move elsewhere), then, for texts
 still missing, one indexed query of the catalog for the same text anywhere else (a duplicated description).
+
+With a base URI (core/store.py): a partition whose shard is not current here is first looked up in the store (one
+GET of its manifest); a current one there is downloaded and verified instead of encoded, and failing that the
+partition's earlier shard there is downloaded to re-use its vectors. A shard written here, or found current here, is
+published (idempotent: 1 GET + 2 HEADs when the store already has it).
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ from embed_assets.core.shards import (
     ShardError,
     ShardManifest,
     embedding_fingerprint,
+    fetch_shard,
     list_manifests,
     load_verified,
     load_verified_items,
     norm_stats,
     partition_lock,
+    publish_shard,
     read_manifest,
     shard_key_of,
     verify_files,
@@ -52,6 +59,7 @@ class EmbedOutcome:
     stats: EncodeStats = field(default_factory=EncodeStats)
     seconds: float = 0.0
     cataloged: bool = True
+    fetched: bool = False  # taken from the base URI's store (checksums verified), not encoded here
 
 
 def _same_version(m: ShardManifest, version: dict) -> bool:
@@ -185,9 +193,28 @@ def _embed_partition(layout: Layout, key: str, encoder: Encoder, say: Callable[[
     except ShardError as e:
         say(str(e))
         current = None
-    if current is not None and current.fingerprint == fp and not verify_files(layout, current):
-        say(f"{key}: shard is current (fingerprint {fp}); nothing to do")
-        out = EmbedOutcome(current, skipped=True, seconds=time.perf_counter() - t0, cataloged=False)
+    trusted = current is not None and not verify_files(layout, current)
+    fetched = False
+    if layout.store is not None and not (trusted and current.fingerprint == fp):
+        # Not current here: the store may hold it (an earlier pod, another machine), or at least this partition's
+        # earlier shard of the same embedding version, whose vectors are re-used below instead of encoded again.
+        from embed_assets.core.store import Untrusted
+
+        try:
+            got = fetch_shard(layout, key, accept=lambda m: m.fingerprint == fp or (
+                not trusted and m.version == version))
+        except Untrusted as e:
+            say(f"{key}: {e}")
+            got = None
+        if got is not None:
+            current, trusted, fetched = got, True, got.fingerprint == fp
+            say(f"{key}: {'current' if fetched else 'earlier'} shard taken from {layout.store.uri('embeddings')} "
+                "(checksums verified)")
+    if trusted and current.fingerprint == fp:
+        say(f"{key}: shard is current (fingerprint {fp}); nothing to {'encode' if fetched else 'do'}")
+        if not fetched:  # (a shard just taken from the store is there already)
+            publish_shard(layout, current)
+        out = EmbedOutcome(current, skipped=True, seconds=time.perf_counter() - t0, cataloged=False, fetched=fetched)
         return record_outcome(layout, out, say, catalog_timeout_s) if record else out
 
     n = len(ids)

@@ -8,6 +8,12 @@ vNNNNN.rejected with why.json; the newest `keep_versions` (3) versions are kept.
 Exact search (IndexFlatIP on unit vectors = cosine) is the default and right up to ~1M items (1M x 384 fp32 =
 1.5 GB, ~50 ms/query on 2 cores). Past one million items choose IVF-PQ or HNSW (e.g. "IVF4096,PQ48" trained on a
 sample, nprobe tuned until ann_recall_at_10 >= 0.95 in the report); `kind="hnsw"` is offered for that.
+
+With a base URI (core/store.py), `promote` publishes the version it makes current under `<base URI>/index/<version>/`
+(items.faiss and items.ids.parquet, then manifest.json) and then the store's `index/current` pointer, and prunes
+the store's versions as it prunes HOME's; `build_from_shards` first brings the store's current version here when it
+is newer than HOME's (a fresh HOME, another machine), so that the in-place update and the shadow comparison see the
+live index. Version names are unique across HOME and the store.
 """
 
 from __future__ import annotations
@@ -154,7 +160,11 @@ def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str
         if abandoned_work_dir(old):
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
     names = _version_names(layout)
-    name = f"v{(int(names[-1][1:6]) if names else 0) + 1:05d}"
+    if layout.store is not None:  # never re-use a name the store holds (another HOME may have published it)
+        from embed_assets.core.store import remote_versions
+
+        names += remote_versions(layout.store, INDEX_REL)
+    name = f"v{max([int(n[1:6]) for n in names] or [0]) + 1:05d}"
     work = root / f".build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
     try:
@@ -190,13 +200,25 @@ def save_index(layout: Layout, index, item_ids: Sequence[str], meta: dict[str, A
     return manifest
 
 
-def promote(layout: Layout, name: str, keep: int = KEEP_VERSIONS) -> list[str]:
-    """Point `current` at version `name` (a symlink replaced atomically: a reader sees the old or the new version,
-    whole), then remove all but the newest `keep` versions (never the live one). Returns the removed names."""
-    link = layout.index_dir
+def _point_current(layout: Layout, name: str) -> None:
+    """`current` -> `name`: a symlink replaced atomically (a reader sees the old or the new version, whole)."""
     tmp = layout.index_root / f".current-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.symlink(name, tmp)
-    os.replace(tmp, link)
+    os.replace(tmp, layout.index_dir)
+
+
+def promote(layout: Layout, name: str, keep: int = KEEP_VERSIONS) -> list[str]:
+    """Point `current` at version `name` (a symlink replaced atomically: a reader sees the old or the new version,
+    whole), then remove all but the newest `keep` versions (never the live one). Returns the removed names. With a
+    base URI the version is then published and the store's `current` moved to it (`publish_index`)."""
+    _point_current(layout, name)
+    gone = _prune(layout, name, keep)
+    if layout.store is not None:
+        publish_index(layout, name, keep, check=False)  # its files were hashed as they were written
+    return gone
+
+
+def _prune(layout: Layout, name: str, keep: int) -> list[str]:
     for legacy in ("items.faiss", "items.ids.parquet", "manifest.json"):  # the single-folder layout before versions
         (layout.index_root / legacy).unlink(missing_ok=True)
     names = [n for n in _version_names(layout) if n != name and not n.endswith(".rejected")]
@@ -205,6 +227,75 @@ def promote(layout: Layout, name: str, keep: int = KEEP_VERSIONS) -> list[str]:
     for n in gone:
         shutil.rmtree(layout.index_root / n, ignore_errors=True)
     return gone
+
+
+INDEX_REL = "index"  # index versions and the `current` pointer under the base URI
+
+
+def _index_files(manifest: dict[str, Any]) -> dict[str, str]:
+    """The data files an index manifest vouches for: {name: sha256}."""
+    return {manifest["index_file"]: manifest["index_sha256"], manifest["ids_file"]: manifest["ids_sha256"]}
+
+
+def publish_index(layout: Layout, name: str, keep: int = KEEP_VERSIONS, check: bool = True
+                  ) -> dict[str, Any] | None:
+    """Publish version `name` (its files checked against its manifest first, unless `check` is False: `promote`
+    right after `write_version` hashed them) and point the store's `current` at it; older versions in the store past
+    the newest `keep` are deleted. Idempotent (one GET when the store's pointer already names it). None without a
+    base URI."""
+    if layout.store is None:
+        return None
+    from embed_assets.core.store import publish_version
+
+    out = publish_version(layout.store, INDEX_REL, layout.index_root / name, _index_files(
+        read_index_manifest(layout, name)), keep, check=check)
+    if not out["skipped"]:
+        log.info(f"index {name} published to {layout.store.uri(INDEX_REL)}: {out['uploaded']} objects, "
+                 f"{out['bytes']:,} bytes; pruned {out['pruned'] or 'none'}")
+    return out
+
+
+def sync_index_with_store(layout: Layout, say: Callable[[str], None] = log.info) -> str:
+    """Make HOME's live index and the store's agree before a build, by their manifests' creation times: the store's
+    current version is downloaded (checksums verified) and made current here when it is newer or HOME has none; HOME's
+    is published when it is newer or the store has none (an earlier publish that failed). An untrusted version in the
+    store is reported and left alone (the build then starts from HOME's state). Returns what it did."""
+    import hashlib
+
+    from embed_assets.core.store import Untrusted, fetch_version, read_pointer, work_dir_name
+
+    store = layout.store
+    if store is None:
+        return "no store"
+    try:
+        ptr = read_pointer(store, INDEX_REL)
+    except Untrusted as e:
+        say(f"{e}")
+        ptr = None
+    local = current_version(layout)
+    local_m, local_sha = None, None
+    if local is not None:
+        try:
+            local_m = read_index_manifest(layout, local)
+            local_sha = hashlib.sha256((layout.index_root / local / layout.index_manifest.name).read_bytes()
+                                       ).hexdigest()
+        except (IndexBuildError, OSError):
+            local = None
+    if ptr is not None and ptr["manifest_sha256"] == local_sha:
+        return "same"
+    if local is not None and (ptr is None or (local_m.get("created_at") or 0) > (ptr.get("created_at") or 0)):
+        publish_index(layout, local)
+        return "published"
+    if ptr is None:
+        return "none"
+    try:
+        fetch_version(store, INDEX_REL, ptr, layout.index_root, _index_files, work_dir_name(".build"))
+    except Untrusted as e:
+        say(f"{e}; the index is built here from the shards instead")
+        return "untrusted"
+    _point_current(layout, ptr["version"])
+    say(f"index {ptr['version']} taken from {store.uri(INDEX_REL)} (checksums verified)")
+    return "fetched"
 
 
 def reject(layout: Layout, name: str, why: dict[str, Any]) -> str:
@@ -551,6 +642,7 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
 
     tol = NORM_TOLERANCE if tol is None else tol
     t0 = time.perf_counter()
+    store_sync = sync_index_with_store(layout) if layout.store is not None else None
     valid = {rg["partition"] for rg in row_groups}
     manifests, problems = current_shards(layout, row_groups, tol)
     # Before failing or building: the catalog drops untrusted shards and lists the good ones (checksums cached).
@@ -623,6 +715,8 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
     # Every shard is current and indexed: the previous generation has served its purpose (except a partition being
     # written now, or an indexed shard replaced since: a writer may still re-use those vectors).
     clear_previous(layout, meta["shard_fingerprints"])
+    if store_sync is not None:
+        saved["store_sync"] = store_sync  # what sync_index_with_store did first: same, fetched, published, ...
     return saved
 
 

@@ -26,10 +26,20 @@ def check_partition_key(key: str) -> str:
 @dataclass(frozen=True)
 class Layout:
     home: Path
+    # Where the trusted artifacts are published and fetched from (s3://bucket/prefix, file:///path; core/store.py);
+    # None: HOME alone, as before. HOME stays the local working folder either way.
+    base_uri: str | None = None
 
     @classmethod
-    def at(cls, home: str | os.PathLike) -> "Layout":
-        return cls(Path(home).resolve())
+    def at(cls, home: str | os.PathLike, base_uri: str | None = None) -> "Layout":
+        return cls(Path(home).resolve(), base_uri or None)
+
+    @property
+    def store(self):
+        """The `core.store.Store` of `base_uri` (one per URI in a process), None without one."""
+        from embed_assets.core.store import store_for
+
+        return store_for(self.base_uri)
 
     @property
     def processed_dir(self) -> Path:

@@ -165,7 +165,8 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def write_report(layout: Layout, report: dict[str, Any]) -> None:
     """reports/retrieval_eval.{json,md}, and the JSON also beside the index version it evaluated (its bundle:
-    index, ids, manifest, eval), unless that version was pruned meanwhile."""
+    index, ids, manifest, eval), unless that version was pruned meanwhile. With a base URI, HOME's reports are then
+    published under `<base URI>/reports/` (core/store.py: publish_reports)."""
     from embed_assets.core.index import version_dir
 
     atomic_write_json(layout.report_json, report)
@@ -174,6 +175,12 @@ def write_report(layout: Layout, report: dict[str, Any]) -> None:
         folder = version_dir(layout, report["index_version"])
         if folder.is_dir():
             atomic_write_json(folder / "eval.json", report)
+    if layout.store is not None:
+        # every report HOME holds (this one, the norms, the rejects, the semantic IDs' and the run summary), each as
+        # one object with a manifest beside it; unchanged ones are skipped (one GET each)
+        from embed_assets.core.store import publish_reports
+
+        publish_reports(layout.store, layout.reports_dir)
 
 
 def read_report(layout: Layout) -> dict[str, Any]:

@@ -23,6 +23,12 @@ The newest `keep_versions` (5) folders are kept. A new version becomes current e
 it (its IDs are still unique: digits past the extra digit's size are flagged, not dropped); the Dagster check is
 what stops downstream assets. One build at a time (a file lock on HOME/semantic_ids/.lock).
 
+With a store (`store=`, a core.store.Store for the base URI), each new version is published under
+`<base URI>/semantic_ids/<version>/` (its files, then manifest.json) and then the store's `semantic_ids/current`
+pointer; before a build, the store's current version is brought here (every file checked against its manifest, the
+manifest against the pointer) when it is newer than HOME's, so a fresh HOME continues the same IDs with the same
+frozen codebooks instead of training new ones.
+
 Stability rules (codebooks are frozen once trained):
   - an item whose vector is byte-identical (fp16) to the previous version's keeps its full ID, digit included;
   - a changed item whose new codes equal its old ones keeps its full ID; otherwise it gets a new digit and its old
@@ -686,10 +692,65 @@ def _clean_temp(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _next_version_name(root: Path) -> str:
+def _next_version_name(root: Path, store=None) -> str:
     nums = [int(n[1:]) for n in list_versions(root)]
     nums += [int(m.group(1)) for p in root.glob(".v*.tmp") if (m := re.match(r"^\.v(\d+)\.", p.name))]
+    if store is not None:  # never re-use a name the store holds
+        from embed_assets.core.store import remote_versions
+
+        nums += [int(n[1:]) for n in remote_versions(store, SID_REL)]
     return f"v{(max(nums) + 1 if nums else 1):05d}"
+
+
+SID_REL = "semantic_ids"  # versions and the `current` pointer under the base URI
+
+
+def _sid_files(manifest: dict[str, Any]) -> dict[str, str]:
+    return {f: meta["sha256"] for f, meta in manifest["files"].items()}
+
+
+def publish_version(root: Path, store, name: str, keep: int | None = None, check: bool = True) -> dict[str, Any]:
+    """Publish version `name` and point the store's `current` at it (idempotent); see core.store.publish_version."""
+    from embed_assets.core.store import publish_version as publish
+
+    manifest = json.loads((root / name / "manifest.json").read_text("utf-8"))
+    return publish(store, SID_REL, root / name, _sid_files(manifest), keep, check=check)
+
+
+def sync_with_store(root: Path, store, log: Callable[[str], None] = log_.info) -> str:
+    """Before a build (under the build lock): the store's current version here when it is newer than HOME's (or HOME
+    has none), HOME's published when it is newer (or the store has none). Judged by the manifests' created_at."""
+    from embed_assets.core.store import Untrusted, fetch_version, read_pointer
+
+    try:
+        ptr = read_pointer(store, SID_REL)
+    except Untrusted as e:
+        log(str(e))
+        ptr = None
+    local = read_current(root)
+    local_created, local_sha = None, None
+    if local is not None:
+        try:
+            raw = (root / local / "manifest.json").read_bytes()
+            local_created, local_sha = json.loads(raw).get("created_at") or 0, hashlib.sha256(raw).hexdigest()
+        except (OSError, ValueError):
+            local = None
+    if ptr is not None and ptr["manifest_sha256"] == local_sha:
+        return "same"
+    if local is not None and (ptr is None or local_created > (ptr.get("created_at") or 0)):
+        publish_version(root, store, local)
+        return "published"
+    if ptr is None:
+        return "none"
+    try:
+        fetch_version(store, SID_REL, ptr, root, _sid_files,
+                      f".{ptr['version']}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    except Untrusted as e:
+        log(f"{e}; semantic IDs continue from HOME's own state")
+        return "untrusted"
+    _point_current(root, ptr["version"])
+    log(f"semantic IDs {ptr['version']} taken from {store.uri(SID_REL)} (checksums verified)")
+    return "fetched"
 
 
 def _fsync_file(path: Path) -> None:
@@ -1129,23 +1190,35 @@ def _id_map(prev: SidVersion, ids, full: np.ndarray):
 def build_semantic_ids(root: str | os.PathLike, shards: Sequence[ShardInput], config: SidConfig = SidConfig(), *,
                        retrain: bool = False, reports_dir: str | os.PathLike | None = None,
                        titles: Callable[[list[str]], Mapping[str, str]] | None = None,
-                       log: Callable[[str], None] | None = None) -> SidResult:
+                       log: Callable[[str], None] | None = None, store=None) -> SidResult:
     """Build or update the semantic IDs under `root` (HOME/semantic_ids) from `shards`; see the module docstring.
 
     Returns what happened (action: created | updated | unchanged | retrained, and the reason for a retrain), the
     version written (or the live one when unchanged), its manifest and the readiness report; with `reports_dir`
-    the report is also written there as semantic_ids.json + .md. Raises SemanticIdError with what to do."""
+    the report is also written there as semantic_ids.json + .md. With `store` (core.store.Store: the base URI),
+    versions and the report are published there and a newer version there is taken first (`sync_with_store`).
+    Raises SemanticIdError with what to do."""
     with faiss_threads(config.threads):
-        return _build(Path(root), list(shards), config, retrain, reports_dir, titles, log or log_.info)
+        return _build(Path(root), list(shards), config, retrain, reports_dir, titles, log or log_.info, store)
+
+
+def _write_sid_report(reports_dir, report: dict[str, Any], store) -> None:
+    md, js = sid_report.write_report(Path(reports_dir), report)
+    if store is not None:
+        from embed_assets.core.store import publish_reports
+
+        publish_reports(store, Path(reports_dir), [js.name, md.name])
 
 
 def _build(root: Path, shards: list[ShardInput], config: SidConfig, retrain: bool, reports_dir, titles,
-           log) -> SidResult:
+           log, store=None) -> SidResult:
     emb_version = check_inputs(shards)
     n_total = sum(s.n_rows for s in shards)
     fingerprints = {s.partition: s.fingerprint for s in shards}
     with _locked(root):
         _clean_temp(root)
+        if store is not None:
+            sync_with_store(root, store, log)
         prev = load_version(root)
         reason = ""
         if prev is not None:
@@ -1158,10 +1231,10 @@ def _build(root: Path, shards: list[ShardInput], config: SidConfig, retrain: boo
             elif prev.manifest["input_shards"] == fingerprints:
                 report = {**prev.report(), "action": "unchanged", "reason": ""}
                 if reports_dir is not None:
-                    sid_report.write_report(Path(reports_dir), report)
+                    _write_sid_report(reports_dir, report, store)
                 log(f"semantic IDs unchanged: {prev.name} was built from these shards")
                 return SidResult("unchanged", "", prev.name, prev.path, prev.manifest, report)
-        name = _next_version_name(root)
+        name = _next_version_name(root, store)
         changes: dict[str, Any] = {}
         comparison: dict[str, Any] = {}
         retired = None
@@ -1251,8 +1324,12 @@ def _build(root: Path, shards: list[ShardInput], config: SidConfig, retrain: boo
         removed = _prune(root, config.keep_versions)
         if removed:
             log(f"removed old semantic ID versions {', '.join(removed)}")
+        if store is not None:
+            pub = publish_version(root, store, name, config.keep_versions, check=False)  # hashed as written
+            log(f"semantic IDs {name} published to {store.uri(SID_REL)}: {pub['uploaded']} objects, "
+                f"{pub['bytes']:,} bytes")
         manifest = json.loads((path / "manifest.json").read_text("utf-8"))
     if reports_dir is not None:
-        sid_report.write_report(Path(reports_dir), report)
+        _write_sid_report(reports_dir, report, store)
     log(f"semantic IDs {action}{f' ({reason})' if reason else ''}: {name}, {len(enc.ids):,} items")
     return SidResult(action, reason, name, path, manifest, report)

@@ -5,6 +5,11 @@ A shard is three files, written in this order, each atomically:
   shard_<partition>.items.parquet item_id, row, text_hash      (what the catalog ingests, and item-level re-use reads)
   shard_<partition>.manifest.json partition, fingerprint, version, rows, norm stats, sha256 of both files above
 The manifest comes last: a shard without a manifest, or whose checksums disagree with it, is never trusted.
+
+With a base URI (`Layout.base_uri`, core/store.py) the same three files are published under
+`<base URI>/embeddings/` right after they are written here (data objects first, the manifest last; skipped when the
+store's manifest is already these bytes), and `fetch_shard` brings a partition's shard from there into HOME, each
+file checked against the store's manifest before it is used.
 """
 
 from __future__ import annotations
@@ -215,7 +220,83 @@ def write_shard(layout: Layout, manifest: ShardManifest, item_ids: Sequence[str]
     manifest.shard_bytes = pt.stat().st_size
     manifest.items_file = items.name
     manifest.write(layout.shard_manifest(key))
+    publish_shard(layout, manifest)
     return manifest
+
+
+EMBEDDINGS_REL = "embeddings"  # the shards' folder under the base URI, as under HOME
+
+
+def publish_shard(layout: Layout, m: ShardManifest) -> dict[str, int] | None:
+    """Publish a trusted shard under `<base URI>/embeddings/`: the .pt and the items sidecar (one PUT each), then
+    the manifest (the same bytes as here). Nothing is uploaded when the store's manifest already is these bytes and
+    its data objects have the local sizes (1 GET + 2 HEADs). None without a base URI. The caller holds the
+    partition's lock (or is its writer)."""
+    store = layout.store
+    if store is None:
+        return None
+    from embed_assets.core.store import publish_set
+
+    key = m.partition
+    problems = verify_files(layout, m, cached_sha256)
+    if problems:
+        raise ShardError(f"shard {key} not published to {store.uri(EMBEDDINGS_REL)}: {'; '.join(problems)}; "
+                         f"re-materialize partition {key}")
+    mpath = layout.shard_manifest(key)
+    mbytes = mpath.read_bytes()
+    if ShardManifest(**{k: v for k, v in json.loads(mbytes).items() if k in ShardManifest.__dataclass_fields__}) \
+            != m:
+        raise ShardError(f"shard {key}: {mpath} changed while it was being published; re-materialize {key}")
+    return publish_set(store, EMBEDDINGS_REL, {m.shard_file: layout.embeddings_dir / m.shard_file,
+                                               m.items_file: layout.embeddings_dir / m.items_file},
+                       mpath.name, mbytes)
+
+
+def fetch_shard(layout: Layout, key: str, accept: Callable[[ShardManifest], bool] = lambda m: True
+                ) -> ShardManifest | None:
+    """The partition's shard from `<base URI>/embeddings/` into HOME, if the store's manifest is one `accept`
+    takes: the .pt and the items sidecar are downloaded and checked against that manifest's sha256 (each renamed
+    into place only when it matches), the manifest is written last. The shard it replaces is kept in previous/, as
+    a rewrite here would. Returns the manifest, or None when the store has no manifest for it (or one `accept`
+    refuses). Raises store.Untrusted, naming the URI, when the data objects do not match their manifest (a
+    half-finished upload, a concurrent writer: the manifest is read again once). The caller holds the lock."""
+    store = layout.store
+    if store is None:
+        return None
+    from embed_assets.core.store import Untrusted
+
+    mname = layout.shard_manifest(key).name
+    mrel = f"{EMBEDDINGS_REL}/{mname}"
+    raw = store.get_bytes(mrel)
+    for attempt in range(2):
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            m = ShardManifest(**{k: v for k, v in data.items() if k in ShardManifest.__dataclass_fields__})
+            if (m.partition, m.shard_file, m.items_file) != (key, layout.shard_pt(key).name,
+                                                              layout.shard_items(key).name):
+                raise ValueError(f"it names partition {m.partition!r}, files {m.shard_file!r}, {m.items_file!r}")
+        except (ValueError, TypeError) as e:
+            raise Untrusted(f"{store.uri(mrel)}: not a manifest of shard {key} ({e}); not used. Re-materialize "
+                            f"partition {key}: it is encoded here and published again") from e
+        if not accept(m):
+            return None
+        try:
+            if attempt == 0:
+                keep_previous(layout, key)
+            store.get_file(f"{EMBEDDINGS_REL}/{m.shard_file}", layout.shard_pt(key), m.shard_sha256)
+            store.get_file(f"{EMBEDDINGS_REL}/{m.items_file}", layout.shard_items(key), m.items_sha256)
+        except Untrusted as e:
+            again = store.get_bytes(mrel)
+            if attempt == 0 and again != raw:
+                raw = again  # republished while we read it: once more, with the new manifest
+                continue
+            raise Untrusted(f"{e}. Shard {key} is not taken from the store; re-materialize partition {key} (it is "
+                            "encoded here and published again)") from None
+        atomic_write_bytes(layout.shard_manifest(key), raw)
+        return m
+    return None
 
 
 def read_manifest(layout: Layout, key: str, folder: Path | None = None) -> ShardManifest | None:
@@ -342,30 +423,58 @@ def verify_files(layout: Layout, m: ShardManifest,
     return problems
 
 
+def _judge(layout: Layout, rg: dict[str, Any], tol: float) -> tuple[ShardManifest | None, str, bool]:
+    """(the trusted current manifest, or the problem and whether the store could fix it) for one partition."""
+    key = rg["partition"]
+    try:
+        m = read_manifest(layout, key)
+    except ShardError as e:
+        return None, f"{key}: {e}", True
+    if m is None:
+        return None, f"{key}: no shard (materialize item_embeddings for it)", True
+    if m.rows_fingerprint != rg["fingerprint"]:
+        return None, f"{key}: shard is stale, its partition changed (re-materialize it)", True
+    if verify_files(layout, m, cached_sha256):
+        return None, f"{key}: shard files do not match the manifest (re-materialize it)", True
+    if not norms_within(m.norms, tol):
+        return None, (f"{key}: norms outside 1 ± {tol:g} (min {m.norms['min']:.5f}, "
+                      f"max {m.norms['max']:.5f}); the norm check fails for it"), False
+    return m, "", False
+
+
+def _fetch_current(layout: Layout, rg: dict[str, Any]) -> str:
+    """Bring a partition's shard for its current rows from the store (when there is one); '' or why not."""
+    from embed_assets.core.store import StoreError
+
+    key = rg["partition"]
+    with partition_lock(layout, key, blocking=False) as mine:
+        if not mine:
+            return "it is being written here right now"
+        try:
+            got = fetch_shard(layout, key, accept=lambda m: m.rows_fingerprint == rg["fingerprint"])
+        except StoreError as e:
+            return str(e)
+    return "" if got is not None else f"the store {layout.store.uri(EMBEDDINGS_REL)} has no current shard for it"
+
+
 def current_shards(layout: Layout, row_groups: Sequence[dict[str, Any]], tol: float = NORM_TOLERANCE
                    ) -> tuple[list[ShardManifest], list[str]]:
     """The one answer to "is this partition's shard current and trusted?", for everything that reads all shards (the
     index, the semantic IDs): (the manifests of the partitions whose shard is, in row-group order; one problem line,
     with what to do, per partition whose shard is not). Current: built from the partition's rows as processed now.
     Trusted: its files match the manifest's checksums (stat-cached, see cached_sha256) and its norms are within
-    `tol`. Mixed embedding versions are a problem too."""
+    `tol`. Mixed embedding versions are a problem too. With a base URI, a partition whose shard is missing, stale or
+    untrusted here is first fetched from the store (checksums verified; a GET of its manifest, only for those)."""
     problems, manifests = [], []
     for rg in row_groups:
-        key = rg["partition"]
-        try:
-            m = read_manifest(layout, key)
-        except ShardError as e:
-            problems.append(f"{key}: {e}")
-            continue
-        if m is None:
-            problems.append(f"{key}: no shard (materialize item_embeddings for it)")
-        elif m.rows_fingerprint != rg["fingerprint"]:
-            problems.append(f"{key}: shard is stale, its partition changed (re-materialize it)")
-        elif verify_files(layout, m, cached_sha256):
-            problems.append(f"{key}: shard files do not match the manifest (re-materialize it)")
-        elif not norms_within(m.norms, tol):
-            problems.append(f"{key}: norms outside 1 ± {tol:g} (min {m.norms['min']:.5f}, "
-                            f"max {m.norms['max']:.5f}); the norm check fails for it")
+        m, problem, fetchable = _judge(layout, rg, tol)
+        if problem and fetchable and layout.store is not None:
+            why = _fetch_current(layout, rg)
+            m, problem, _ = _judge(layout, rg, tol)
+            if problem and why:
+                problem = f"{problem}; {why}"
+        if problem:
+            problems.append(problem)
         else:
             manifests.append(m)
     versions = {json.dumps(m.version, sort_keys=True) for m in manifests}

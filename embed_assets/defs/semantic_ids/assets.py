@@ -65,7 +65,8 @@ def semantic_ids(context: dg.AssetExecutionContext, config: SemanticIdRunConfig,
                 raise SemanticIdError("semantic IDs not built:\n  " + "\n  ".join(problems))
             result = build_semantic_ids(sid_root(layout.home), shards_from_layout(layout, manifests), cfg,
                                         retrain=config.retrain, reports_dir=layout.reports_dir,
-                                        titles=lambda ids: titles_of(layout, ids), log=context.log.info)
+                                        titles=lambda ids: titles_of(layout, ids), log=context.log.info,
+                                        store=layout.store)
         except (SemanticIdError, ItemsError, ShardError) as e:
             hint = ("; or leave semantic IDs out of runs: `embed-assets run --no-semantic-ids`, "
                     "EMBED_ASSETS_SEMANTIC_IDS=0" if "too small" in str(e) else "")
