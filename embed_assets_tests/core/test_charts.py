@@ -161,3 +161,24 @@ def test_render_charts_writes_both_and_drops_a_stale_histogram(tmp_path: Path):
     assert not (layout.reports_dir / "norm_histogram.png").exists()  # never a stale chart beside the report
     md = to_markdown(report)
     assert "![recall@k](recall_at_k.png)" in md and "No norm histogram" in md and "norm_histogram.png" not in md
+
+
+def test_the_curve_on_a_non_flat_index_is_against_exact_search(tmp_path: Path):
+    """On an HNSW index the ANN curve is measured against brute force streamed over the shards (one pass at
+    k = 101 serves recall@10 and the curve): the index's own miss rate shows, it is not 1 by definition."""
+    from embed_assets.core.index import build_from_shards
+    from embed_assets.core.index_tune import held_out_queries
+    from embed_assets.core.items import load_partitions
+    from embed_assets.core.layout import Layout
+    from embed_assets.core.report import evaluate
+    from embed_assets.testing import StandInEncoder
+    from embed_assets_tests.conftest import embed_catalog, sample_docs, write_jsonl
+
+    layout, enc = Layout.at(tmp_path / "home"), StandInEncoder()
+    embed_catalog(layout, write_jsonl(tmp_path / "c.jsonl", sample_docs(3000)), enc, 1000)
+    build_from_shards(layout, load_partitions(layout), "hnsw", queries=lambda: held_out_queries(layout, enc, 200))
+    report = evaluate(layout, enc, n_ann_sample=300)
+    curve = report["recall_at_k"]
+    assert report["ann_ground_truth"] == "brute force over the shards, streamed" and curve["labelled"] is None
+    assert len(curve["ann"]) == 6 and all(0.5 < r < 1.0 for r in curve["ann"]), curve
+    assert abs(curve["ann"][curve["k"].index(10)] - report["ann_recall_at_10"]) < 0.05

@@ -1,17 +1,24 @@
 """Metadata people look at: every materialization's numbers keep their type from run to run (so Dagster can plot
 them), each has a Markdown summary, the report embeds its charts, and long encodes log progress live.
 
-Real Dagster runs of the whole graph, with the real model, twice: a first run, then a re-run after one item's title
-changed (so one partition encodes one item, the other encodes nothing, the index is updated in place and shadowed,
-and the report has an earlier one to measure drift against). Everything is read back from the instance's event log,
-as the UI reads it."""
+Real Dagster runs of the whole graph, with the real model, three times: a first run, a re-run after one item's title
+changed (one partition encodes one item, the other encodes nothing, the index is updated in place and shadowed, the
+report has an earlier one to measure drift against), and a re-run where nothing changed. Everything is read back
+from the instance's event log, as the UI reads it."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import dagster as dg
@@ -67,8 +74,10 @@ def _pngs(markdown: str) -> list[bytes]:
                                                    markdown)]
 
 
-@pytest.fixture
-def graph_twice(tmp_path: Path):
+@pytest.fixture(scope="module")
+def graph_runs(tmp_path_factory):
+    """The graph materialized three times into a persistent instance (the UI test below serves the same one)."""
+    tmp_path = tmp_path_factory.mktemp("metadata")
     docs = sample_docs(120)
     corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", docs)
     queries, qrels = _labelled(tmp_path, docs)
@@ -76,7 +85,10 @@ def graph_twice(tmp_path: Path):
                         queries=str(queries), qrels=str(qrels), min_recall_at_100=0.0,
                         precision="fp32")  # no precision probe: this test is about metadata, not bf16
     defs = build_definitions(settings)
-    instance = dg.DagsterInstance.ephemeral()
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    instance = dg.DagsterInstance.local_temp(tempdir=str(dagster_home))
     embed_runs = []
 
     def run_graph():
@@ -90,16 +102,21 @@ def graph_twice(tmp_path: Path):
     docs[7]["title"] = "A new title for one item: " + docs[7]["title"]
     write_jsonl(corpus, docs)
     run_graph()
-    return instance, Layout.at(settings.home), embed_runs
+    run_graph()  # nothing changed
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "EMBED_ASSETS_HOME": settings.home,
+           "EMBED_ASSETS_ITEMS": str(corpus), "EMBED_ASSETS_TEXT_FIELDS": "title", "EMBED_ASSETS_PARTITION_SIZE": "60",
+           "EMBED_ASSETS_QUERIES": str(queries), "EMBED_ASSETS_QRELS": str(qrels)}
+    yield instance, Layout.at(settings.home), embed_runs, env
+    instance.dispose()
 
 
-def test_every_metadata_key_keeps_its_type_and_the_report_embeds_its_charts(graph_twice):
-    instance, layout, embed_runs = graph_twice
+def test_every_metadata_key_keeps_its_type_and_the_report_embeds_its_charts(graph_runs):
+    instance, layout, embed_runs, _ = graph_runs
     meta = {name: _metadata(instance, name) for name in ASSET_NAMES}
-    assert [len(meta[n]) for n in ASSET_NAMES] == [2, 4, 2, 2, 2, 2]  # item_embeddings: 2 partitions x 2 runs
+    assert [len(meta[n]) for n in ASSET_NAMES] == [3, 6, 3, 3, 3, 3]  # item_embeddings: 2 partitions x 3 runs
 
     for name, events in meta.items():
-        # one key set (this configuration) and one value type per key, over both runs and every partition
+        # one key set (this configuration) and one value type per key, over every run and partition
         assert all(set(m) == set(events[0]) for m in events), (name, [sorted(set(m) ^ set(events[0])) for m in events])
         for key in events[0]:
             types = {type(m[key]).__name__ for m in events}
@@ -115,12 +132,13 @@ def test_every_metadata_key_keeps_its_type_and_the_report_embeds_its_charts(grap
     emb = meta["item_embeddings"]
     idle = [m for m in emb if m["n_encoded"].value == 0]
     assert idle and all(m["items_per_s"].value == 0.0 and m["skipped_unchanged"].value for m in idle)
-    assert [m["n_encoded"].value for m in emb[2:]] in ([1, 0], [0, 1]) and emb[0]["items_per_s"].value > 0
-    first, second = meta["faiss_index"]
+    assert [m["n_encoded"].value for m in emb[2:]] in ([1, 0, 0, 0], [0, 1, 0, 0]) and emb[0]["items_per_s"].value > 0
+    first, second, third = meta["faiss_index"]
     assert first["shadow_overlap_at_10"].value != first["shadow_overlap_at_10"].value  # NaN: nothing to shadow yet
     assert 0.9 <= second["shadow_overlap_at_10"].value <= 1.0 and second["update_mode"].value == "in_place"
+    assert third["update_mode"].value == "unchanged" and meta["semantic_ids"][2]["action"].value == "unchanged"
     assert second["bytes"].value == first["bytes"].value >= 120 * 384 * 4  # index bytes: 120 fp32 vectors
-    r1, r2 = meta["retrieval_report"]
+    r1, r2, r3 = meta["retrieval_report"]
     assert r1["drift_mean_cosine"].value != r1["drift_mean_cosine"].value and 0.9 < r2["drift_mean_cosine"].value <= 1
     assert 0 < r2["recall_at_10"].value < 1 and r2["ann_recall_at_10"].value == 1.0  # flat index: exact search
     norms = meta["embedding_norms"][-1]
@@ -129,7 +147,7 @@ def test_every_metadata_key_keeps_its_type_and_the_report_embeds_its_charts(grap
 
     # The report's charts: inline PNGs in the `charts` Markdown, the same bytes as the files beside the report.
     report = json.loads(layout.report_json.read_text())
-    pngs = _pngs(r2["charts"].value)
+    pngs = _pngs(r3["charts"].value)  # the latest: its files are the ones on disk
     assert len(pngs) == 2 and all(p.startswith(b"\x89PNG\r\n\x1a\n") and 2_000 < len(p) < 60_000 for p in pngs)
     assert pngs[0] == (layout.reports_dir / "recall_at_k.png").read_bytes()
     assert pngs[1] == (layout.reports_dir / "norm_histogram.png").read_bytes()
@@ -157,3 +175,44 @@ def test_every_metadata_key_keeps_its_type_and_the_report_embeds_its_charts(grap
         assert progress[0]["b"] == "1" and progress[-1]["b"] == progress[-1]["n"]
         assert int(progress[-1]["done"].replace(",", "")) == int(progress[-1]["total"].replace(",", "")) == \
             m["n_encoded"].value
+
+
+def test_the_dagster_ui_renders_the_report_charts(graph_runs):
+    """What a person sees: the webserver serves the instance, the retrieval_report's `charts` Markdown opens and
+    both images decode in a real browser (Dagster's Markdown sanitizer keeps data: image URIs)."""
+    from playwright.sync_api import sync_playwright
+
+    _, _, _, env = graph_runs
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).parents[2]
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("dagster-webserver")), "-m", "embed_assets.definitions",
+                             "-h", "127.0.0.1", "-p", str(port)], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the webserver did not start"
+                time.sleep(1)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(f"http://127.0.0.1:{port}/assets/retrieval_report?view=events", timeout=60_000)
+                row = page.locator("tr").filter(has=page.locator("td", has_text=re.compile(r"^\s*charts\s*$")))
+                row.get_by_text("[Show Markdown]").first.click(timeout=60_000)
+                images = page.locator("img[src^='data:image/png;base64,']")
+                images.nth(1).wait_for(timeout=30_000)
+                sizes = [page.evaluate("(e) => e.complete && [e.naturalWidth, e.naturalHeight, e.alt]",
+                                       images.nth(i).element_handle()) for i in range(images.count())]
+            finally:
+                browser.close()
+        assert sizes == [[384, 224, "recall@k"], [384, 224, "norm error histogram"]]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
