@@ -38,7 +38,7 @@ from embed_assets.core.shards import (
     list_manifests,
     load_verified,
     load_verified_items,
-    norm_stats,
+    norm_summary,
     partition_lock,
     publish_shard,
     read_manifest,
@@ -235,11 +235,12 @@ def _embed_partition(layout: Layout, key: str, encoder: Encoder, say: Callable[[
         vecs, stats = encoder.encode([texts[i] for i in idx], progress=lambda m: say(f"{key}: {m}"))
         emb[idx] = vecs.astype(np.float16)
 
+    norms, norm_hist = norm_summary(emb, NORM_TOLERANCE)
     manifest = ShardManifest(
         partition=key, fingerprint=fp, rows_fingerprint=rows_fp, n_rows=n, dim=encoder.dim,
         dtype="float16", model_id=version["model_id"], model_revision=version["model_revision"],
         max_seq_length=version["max_seq_length"], chunking=version["chunking"], shard_file="", shard_sha256="",
-        shard_bytes=0, items_file="", items_sha256="", norms=norm_stats(emb, NORM_TOLERANCE),
+        shard_bytes=0, items_file="", items_sha256="", norms=norms, norm_hist=norm_hist,
         n_encoded=len(idx), n_reused=n_reused, precision=getattr(encoder, "precision", "") if len(idx) else "",
     )
     write_shard(layout, manifest, ids, hashes, emb)

@@ -564,7 +564,12 @@ class Encoder:
         progress: Callable[[str], None] | None = None,
         progress_every_s: float = 10.0,
     ) -> tuple[np.ndarray, EncodeStats]:
-        """Unit-length float32 vectors, one row per input text, in input order."""
+        """Unit-length float32 vectors, one row per input text, in input order.
+
+        `progress` gets a line after the first batch, then at most every `progress_every_s` seconds, and after the
+        last one: batch i/n, items done/total (duplicates of a text count as done with it), items/s so far, tokens/s
+        and the ETA from the token rate (batches run longest first, so the token rate, not the item rate, predicts
+        the rest)."""
         t0 = time.perf_counter()
         stats = EncodeStats(n_texts=len(texts))
         index_of: dict[str, int] = {}
@@ -580,21 +585,28 @@ class Encoder:
         stats.n_tokens = int(lengths.sum())
         seg_vecs = np.empty((len(segments), self.dim), dtype=np.float32)
         batches = self._plan_batches(lengths)
-        done_tokens, last_log = 0, time.perf_counter()
+        # rates from the first batch on: the model load and tokenization before it say nothing about the rest
+        t_batches = last_log = time.perf_counter()
+        done_tokens, done_items = 0, 0.0
+        if progress:  # items each segment stands for: its text's copies, shared among the text's segments
+            seg_items = (np.bincount(inverse, minlength=len(unique))[owners]
+                         / np.bincount(owners, minlength=len(unique))[owners])
         for b, rows in enumerate(batches, start=1):
             seg_vecs[rows] = self._forward([segments[r] for r in rows], stats)
             stats.n_batches += 1
             crash_point("encoding")
             done_tokens += int(lengths[rows].sum())
             now = time.perf_counter()
-            if progress and (now - last_log >= progress_every_s or b == len(batches)):
-                el = now - t0
-                rate = done_tokens / el if el else 0.0
+            if progress:
+                done_items += float(seg_items[rows].sum())
+            if progress and (b == 1 or b == len(batches) or now - last_log >= progress_every_s):
+                el = max(now - t_batches, 1e-9)
+                rate = done_tokens / el
                 frac = done_tokens / stats.n_tokens
                 eta = (stats.n_tokens - done_tokens) / rate if rate else float("nan")
                 progress(
-                    f"batch {b}/{len(batches)}: {frac:6.1%} of tokens, {frac * stats.n_texts / el:,.1f} items/s, "
-                    f"{rate:,.0f} tokens/s, ETA {eta:,.0f} s"
+                    f"batch {b}/{len(batches)}: {round(done_items):,}/{stats.n_texts:,} items ({frac:.1%} of "
+                    f"tokens), {done_items / el:,.1f} items/s, {rate:,.0f} tokens/s, ETA {eta:,.0f} s"
                 )
                 last_log = now
         if self.chunking and stats.n_chunked:

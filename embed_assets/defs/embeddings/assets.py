@@ -7,12 +7,12 @@ from embed_assets.core.embed import embed_partition
 from embed_assets.core.atomic import atomic_write_json
 from embed_assets.core.faults import pause_point
 from embed_assets.core.metering import metered
-from embed_assets.core.shards import ShardError, summarize_norms
+from embed_assets.core.shards import ShardError, norm_error_max, norm_error_quantile, summarize_norms
 from embed_assets.defs import OWNERS
 from embed_assets.defs.embeddings.partitions import PARTITION_KEYS_HELP, item_partitions
 from embed_assets.defs.embeddings.pipes import encode_externally
 from embed_assets.defs.items.assets import processed_items
-from embed_assets.defs.metadata import md_table, norms_metadata
+from embed_assets.defs.metadata import as_float, md_table, norms_metadata, summary_table
 from embed_assets.resources import EncodeCompute, EncoderResource, HomeResource, QualityThresholds
 
 # code_version: bump when the asset's logic changes what it writes (not for a refactor); the UI then shows it
@@ -85,6 +85,13 @@ def item_embeddings(context: dg.AssetExecutionContext, home: HomeResource, encod
             "sha256": m.shard_sha256,
             "bytes": m.shard_bytes,
             **norms_metadata(m.norms),
+            "norm_error_max": float(norm_error_max(m.norms, m.n_rows)),  # max |norm - 1| in this shard
+            # items_per_s / tokens_per_s are 0.0 when nothing was encoded (n_encoded = 0): see defs/metadata.py
+            "summary": summary_table({
+                "partition": key, "items": m.n_rows, "encoded": out.n_encoded, "re-used": out.n_reused,
+                "skipped (unchanged)": out.skipped, "items/s": s.items_per_s, "encode seconds": s.seconds,
+                "max norm error": norm_error_max(m.norms, m.n_rows), "precision": m.precision or "—",
+                "shard bytes": m.shard_bytes}),
         },
         data_version=dg.DataVersion(m.fingerprint),
     )
@@ -104,7 +111,9 @@ def embedding_norms(context: dg.AssetExecutionContext, home: HomeResource,
         except (ItemsError, ShardError) as e:
             raise dg.Failure(description=str(e)) from e
     atomic_write_json(layout.norms_json, summary)
-    o = summary["overall"]
+    o, hist = summary["overall"], summary["histogram"]
+    err_max = norm_error_max(o, o["n_vectors"])
+    err_p99 = norm_error_quantile(hist, 0.99)
     context.log.info(f"norms over {o['n_vectors']:,} vectors: mean {o['mean']:.6f}, std {o['std']:.2e}, "
                      f"min {o['min']:.6f}, max {o['max']:.6f}, outside ±{o['tolerance']:g}: {o['frac_outside_tol']:.4%}")
     return dg.MaterializeResult(
@@ -118,5 +127,15 @@ def embedding_norms(context: dg.AssetExecutionContext, home: HomeResource,
                                [(s["partition"], s["rows"], s["mean"], s["std"], s["min"], s["max"],
                                  s["frac_outside_tol"]) for s in summary["shards"][:100]]),
             "path": dg.MetadataValue.path(str(layout.norms_json)),
+            "norm_error_max": float(err_max),  # max |norm - 1| over every vector (0.0 with none)
+            # the 99th percentile of |norm - 1|, an upper bound within 1.78x (the histogram's bin edge); NaN when
+            # no shard recorded a histogram yet
+            "norm_error_p99": as_float(err_p99),
+            "histogram_n_vectors": int(hist["n_vectors"]),  # vectors the norm histogram covers
+            "summary": summary_table({
+                "vectors": o["n_vectors"], "shards": len(summary["shards"]), "mean norm": o["mean"],
+                "max norm error": err_max, "norm error p99 (upper bound)": err_p99,
+                f"outside 1 ± {o['tolerance']:g}": o["frac_outside_tol"],
+                "vectors in the histogram": hist["n_vectors"]}),
         }
     )

@@ -6,6 +6,7 @@ from embed_assets.core.metering import metered
 from embed_assets.core.shards import ShardError
 from embed_assets.defs import OWNERS
 from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
+from embed_assets.defs.metadata import as_float, summary_table
 from embed_assets.resources import EncoderResource, EvalSettings, HomeResource, QualityThresholds
 
 
@@ -40,6 +41,8 @@ def faiss_index(context: dg.AssetExecutionContext, home: HomeResource, retrieval
             raise dg.Failure(description=str(e)) from e
     how = manifest["update"]
     sync = manifest["catalog_sync"]
+    sh = manifest.get("shadow") or {}
+    compared = bool(sh.get("compared")) and sh.get("recall_delta") is not None
     context.log.info(f"indexed {manifest['n_items']:,} items from {len(manifest['partitions'])} shards "
                      f"in {manifest['build_seconds']:.2f} s ({how['mode']}: +{how['n_vectors_added']:,} "
                      f"-{how['n_vectors_removed']:,} vectors); catalog sync {sync or 'deferred'}")
@@ -65,14 +68,21 @@ def faiss_index(context: dg.AssetExecutionContext, home: HomeResource, retrieval
             "path": dg.MetadataValue.path(str(layout.index_file)),
             "index_version": manifest.get("version_name", ""),
             "structure": manifest["structure"]["factory"],
-            **({"shadow_overlap_at_10": float(sh["overlap_at_10"]), "shadow_recall_delta": float(sh["recall_delta"]),
-                "shadow_p50_delta_ms": float(sh["p50_delta_ms"])}
-               if (sh := manifest.get("shadow") or {}).get("compared") and sh.get("recall_delta") is not None
-               else {}),
+            # NaN when there was no live version to compare with (the first build): always present, always a float
+            **{f"shadow_{k}": as_float(sh.get(k) if compared else None)
+               for k in ("overlap_at_10", "recall_delta", "p50_delta_ms")},
             "structure_why": manifest["structure"]["why"],
             **({"tuned_param": f"{t['param']}={t['value']}", "tuned_recall_at_10": float(t["recall"]),
                 "tuned_qps": float(t["qps"]), "tuned_meets_target": bool(t["met"])}
                if (t := manifest.get("tuning")) else {}),
+            "summary": summary_table({
+                "items": manifest["n_items"], "shards": len(manifest["partitions"]),
+                "structure": manifest["structure"]["factory"], "index bytes": manifest["index_bytes"],
+                "update": how["mode"], "vectors added": how["n_vectors_added"],
+                "vectors removed": how["n_vectors_removed"], "build seconds": manifest["build_seconds"],
+                "version": manifest.get("version_name", ""),
+                "shadow overlap@10": sh.get("overlap_at_10") if compared else None,
+                "shadow recall delta": sh.get("recall_delta") if compared else None}),
         },
         data_version=dg.DataVersion(manifest["index_sha256"][:32]),
     )

@@ -8,7 +8,7 @@ from embed_assets.core.shards import list_manifests, partition_lock, remove_shar
 from embed_assets.core.metering import metered
 from embed_assets.defs import OWNERS
 from embed_assets.defs.embeddings.partitions import PARTITION_KEYS_HELP, item_partitions
-from embed_assets.defs.metadata import md_table
+from embed_assets.defs.metadata import md_table, summary_table
 from embed_assets.resources import HomeResource, ItemSource
 
 # code_version: bump when the asset's logic changes what it writes (not for a refactor); the UI then shows it
@@ -87,6 +87,12 @@ def processed_items(context: dg.AssetExecutionContext, home: HomeResource, items
                                    [(p["partition"], p["n_rows"], p["fingerprint"], p["partition"] in result.written)
                                     for p in parts[:100]]),
             "files": md_table(["file"], [(f,) for f in result.files[:50]]),
+            "summary": summary_table({
+                "items": result.n_items, "rows read": result.n_rows_read, "rejected": result.n_rejected,
+                "duplicates": result.n_duplicates, "partitions": len(parts),
+                "partitions written": result.n_partitions_written, "partitions unchanged": result.n_partitions_skipped,
+                "rows/s (reading)": result.n_rows_read / max(result.seconds_read, 1e-9),
+                "seconds": usage.seconds, "peak RSS MB": usage.peak_rss_mb}),
         },
         data_version=dg.DataVersion(
             hashlib.sha256(":".join(p["fingerprint"] for p in parts).encode()).hexdigest()[:32]),

@@ -7,7 +7,7 @@ from embed_assets.core.semantic_ids import (SemanticIdError, build_semantic_ids,
 from embed_assets.core.shards import ShardError, current_shards
 from embed_assets.defs import OWNERS
 from embed_assets.defs.embeddings.assets import embedding_norms, item_embeddings
-from embed_assets.defs.metadata import md_table
+from embed_assets.defs.metadata import md_table, summary_table
 from embed_assets.resources import HomeResource, QualityThresholds, SemanticIdSettings
 
 # code_version: bump when the asset's logic changes what it writes (not for a refactor); the UI then shows it
@@ -93,6 +93,14 @@ def semantic_ids(context: dg.AssetExecutionContext, config: SemanticIdRunConfig,
                                                    or "none"),
             "report": dg.MetadataValue.path(str(layout.reports_dir / "semantic_ids.md")),
             "path": dg.MetadataValue.path(str(result.path)),
+            "summary": summary_table({
+                "action": result.action, "version": result.version, "items": r["n_items"],
+                "codebook size": r["codebook_size"], "largest colliding group": r["max_collision_group"],
+                "unique full IDs": bool(md.get("unique_full_ids")),
+                "reconstruction cosine": md.get("reconstruction_cosine"),
+                "kept / changed (same ID) / changed (new ID) / new / deleted":
+                    " / ".join(f"{int(md.get(k) or 0):,}" for k in ("n_kept", "n_changed_same_id", "n_changed_new_id",
+                                                                    "n_new", "n_deleted"))}),
         },
         data_version=dg.DataVersion(result.version),
     )
