@@ -62,3 +62,49 @@ def charts_markdown(pngs: Mapping[str, bytes], titles: Mapping[str, str], missin
     if missing:
         parts.append(missing)
     return dg.MarkdownMetadataValue("\n\n".join(parts) or "no charts")
+
+
+def shard_metadata(layout, out, usage: Mapping[str, float], precision_probe: dict | None) -> dict[str, Any]:
+    """`item_embeddings`' metadata for one partition's outcome (core.embed.EmbedOutcome), built here only: the
+    in-process path and the Pipes path (defs/embeddings/pipes.py, from what the external process reported) both call
+    it, so their keys and types cannot drift apart. `usage`: the step's seconds / cpu_seconds / peak_rss_mb (of the
+    process that encoded)."""
+    from embed_assets.core.shards import norm_error_max
+
+    m, s, key = out.manifest, out.stats, out.manifest.partition
+    err_max = float(norm_error_max(m.norms, m.n_rows))
+    return {
+        "rows": m.n_rows,
+        "n_encoded": out.n_encoded,
+        "n_reused": out.n_reused,
+        "skipped_unchanged": out.skipped,
+        "fetched_from_store": out.fetched,  # taken, verified, from the base URI's store instead of encoded
+        "n_unique_texts_encoded": s.n_unique,
+        "n_truncated_texts": s.n_truncated,
+        "n_chunked_texts": s.n_chunked,
+        # 0.0 when nothing was encoded (n_encoded = 0): see the module docstring
+        "items_per_s": round(float(s.items_per_s), 2),
+        "tokens_per_s": round(float(s.tokens_per_s), 1),
+        "encode_seconds": round(float(s.seconds), 3),
+        **{k: float(v) for k, v in usage.items()},
+        "padding_overhead": round(s.n_padded_tokens / s.n_tokens - 1, 4) if s.n_tokens else 0.0,
+        "model_id": m.model_id,
+        "model_revision": m.model_revision,
+        "max_seq_length": m.max_seq_length,
+        "dim": m.dim,
+        "dtype": m.dtype,
+        "precision": m.precision or "n/a (nothing encoded)",
+        # how auto chose it on the machine that encoded (the faithfulness probe); {} when nothing was encoded
+        "precision_probe": dg.MetadataValue.json((precision_probe or {}) if out.n_encoded else {}),
+        "fingerprint": m.fingerprint,
+        "cataloged": out.cataloged,
+        "path": dg.MetadataValue.path(str(layout.shard_pt(key))),
+        "sha256": m.shard_sha256,
+        "bytes": m.shard_bytes,
+        **norms_metadata(dict(sorted(m.norms.items()))),  # one order, whether the manifest was just built or read
+        "norm_error_max": err_max,  # max |norm - 1| in this shard
+        "summary": summary_table({
+            "partition": key, "items": m.n_rows, "encoded": out.n_encoded, "re-used": out.n_reused,
+            "skipped (unchanged)": out.skipped, "items/s": s.items_per_s, "encode seconds": s.seconds,
+            "max norm error": err_max, "precision": m.precision or "—", "shard bytes": m.shard_bytes}),
+    }

@@ -5,7 +5,8 @@
 It reads its parameters from the Pipes context (the partition key; extras "home", "encoder", "reuse"), runs the
 same `embed_partition` the in-process path runs (skip when current, re-use unchanged vectors, encode the rest, write
 the shard, its items sidecar and its manifest atomically under the partition lock), streams progress through the
-Pipes log, and reports the materialization metadata the in-process path records (`materialization_metadata`).
+Pipes log, and reports what it did (`outcome_message`); the orchestrator turns that into the same metadata as the
+in-process path.
 
 What it does not do: write the catalog. The orchestrator records the shard after this process returns
 (`embed_assets.defs.embeddings.pipes`), so a pod needs HOME's files (processed partitions, embeddings/) but never
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from typing import Any
 
 from embed_assets.core.embed import EmbedOutcome
@@ -32,41 +34,14 @@ ENCODER_FIELDS = ("model_path", "max_seq_length", "device", "precision", "probe_
                   "num_threads", "chunking")
 
 
-def materialization_metadata(out: EmbedOutcome, usage: Usage, precision_probe: dict | None) -> dict[str, dict]:
-    """The `item_embeddings` metadata as Pipes typed values ({"raw_value", "type"}): the keys and types the
-    in-process path records, except `cataloged` and `path`, which the orchestrator adds (it records the catalog row,
-    and its HOME path is the one users open)."""
-    m, s = out.manifest, out.stats
-
-    def typed(kind: str, value: Any) -> dict:
-        return {"raw_value": value, "type": kind}
-
-    meta = {
-        "rows": typed("int", m.n_rows),
-        "n_encoded": typed("int", out.n_encoded),
-        "n_reused": typed("int", out.n_reused),
-        "skipped_unchanged": typed("bool", out.skipped),
-        "n_unique_texts_encoded": typed("int", s.n_unique),
-        "n_truncated_texts": typed("int", s.n_truncated),
-        "n_chunked_texts": typed("int", s.n_chunked),
-        "items_per_s": typed("float", round(s.items_per_s, 2)),
-        "tokens_per_s": typed("float", round(s.tokens_per_s, 1)),
-        "encode_seconds": typed("float", round(s.seconds, 3)),
-        **{k: typed("float", float(v)) for k, v in usage.as_metadata().items()},
-        "padding_overhead": typed("float", round(s.n_padded_tokens / s.n_tokens - 1, 4) if s.n_tokens else 0.0),
-        "model_id": typed("text", m.model_id),
-        "model_revision": typed("text", m.model_revision),
-        "max_seq_length": typed("int", m.max_seq_length),
-        "dim": typed("int", m.dim),
-        "dtype": typed("text", m.dtype),
-        "precision": typed("text", m.precision or "n/a (nothing encoded)"),
-        "precision_probe": typed("json", (precision_probe or {}) if out.n_encoded else {}),
-        "fingerprint": typed("text", m.fingerprint),
-        "sha256": typed("text", m.shard_sha256),
-        "bytes": typed("int", m.shard_bytes),
-        **{f"norm_{k}": typed("float", float(v)) for k, v in m.norms.items()},
-    }
-    return meta
+def outcome_message(out: EmbedOutcome, usage: Usage, precision_probe: dict | None) -> dict[str, Any]:
+    """What this process tells the orchestrator about the partition (a Pipes custom message, plain JSON): the counts,
+    the encode statistics, this process's seconds / CPU / peak RSS and the precision verdict. The orchestrator reads
+    the manifest from HOME itself and builds the metadata with the same function as the in-process path
+    (`defs.metadata.shard_metadata`), so the two paths cannot report different keys or types."""
+    return {"outcome": {"skipped": out.skipped, "fetched": out.fetched, "n_encoded": out.n_encoded,
+                        "n_reused": out.n_reused, "seconds": out.seconds, "stats": asdict(out.stats),
+                        "usage": usage.as_metadata(), "precision_probe": precision_probe or {}}}
 
 
 class _ToPipesLog(logging.Handler):
@@ -115,8 +90,12 @@ def encode(pipes) -> None:
             pipes.log.error(str(e))
             pipes.report_custom_message({"failure": str(e)})
             return
-    pipes.report_asset_materialization(metadata=materialization_metadata(out, usage, encoder.precision_probe),
-                                       data_version=out.manifest.fingerprint)
+    m = out.manifest
+    pipes.report_custom_message(outcome_message(out, usage, encoder.precision_probe))
+    # the shard this process wrote: the orchestrator checks its own HOME holds exactly this one
+    pipes.report_asset_materialization(metadata={"sha256": {"raw_value": m.shard_sha256, "type": "text"},
+                                                 "fingerprint": {"raw_value": m.fingerprint, "type": "text"}},
+                                       data_version=m.fingerprint)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from embed_assets.defs import OWNERS
 from embed_assets.defs.embeddings.partitions import PARTITION_KEYS_HELP, item_partitions
 from embed_assets.defs.embeddings.pipes import encode_externally
 from embed_assets.defs.items.assets import processed_items
-from embed_assets.defs.metadata import as_float, md_table, norms_metadata, summary_table
+from embed_assets.defs.metadata import as_float, md_table, norms_metadata, shard_metadata, summary_table
 from embed_assets.resources import EncodeCompute, EncoderResource, HomeResource, QualityThresholds
 
 # code_version: bump when the asset's logic changes what it writes (not for a refactor); the UI then shows it
@@ -56,44 +56,9 @@ def item_embeddings(context: dg.AssetExecutionContext, home: HomeResource, encod
             out = embed_partition(home.layout, key, encoder.encoder, say=context.log.info, reuse=encoder.reuse)
         except (ItemsError, ShardError) as e:
             raise dg.Failure(description=str(e)) from e
-    m, s = out.manifest, out.stats
     return dg.MaterializeResult(
-        metadata={
-            "rows": m.n_rows,
-            "n_encoded": out.n_encoded,
-            "n_reused": out.n_reused,
-            "skipped_unchanged": out.skipped,
-            "n_unique_texts_encoded": s.n_unique,
-            "n_truncated_texts": s.n_truncated,
-            "n_chunked_texts": s.n_chunked,
-            "items_per_s": round(s.items_per_s, 2),
-            "tokens_per_s": round(s.tokens_per_s, 1),
-            "encode_seconds": round(s.seconds, 3),
-            **usage.as_metadata(),
-            "padding_overhead": round(s.n_padded_tokens / s.n_tokens - 1, 4) if s.n_tokens else 0.0,
-            "model_id": m.model_id,
-            "model_revision": m.model_revision,
-            "max_seq_length": m.max_seq_length,
-            "dim": m.dim,
-            "dtype": m.dtype,
-            "precision": m.precision or "n/a (nothing encoded)",
-            # how auto chose it on this machine (the faithfulness probe); {} when nothing was encoded
-            "precision_probe": dg.MetadataValue.json((encoder.encoder.precision_probe or {}) if out.n_encoded else {}),
-            "fingerprint": m.fingerprint,
-            "cataloged": out.cataloged,
-            "path": dg.MetadataValue.path(str(home.layout.shard_pt(key))),
-            "sha256": m.shard_sha256,
-            "bytes": m.shard_bytes,
-            **norms_metadata(m.norms),
-            "norm_error_max": float(norm_error_max(m.norms, m.n_rows)),  # max |norm - 1| in this shard
-            # items_per_s / tokens_per_s are 0.0 when nothing was encoded (n_encoded = 0): see defs/metadata.py
-            "summary": summary_table({
-                "partition": key, "items": m.n_rows, "encoded": out.n_encoded, "re-used": out.n_reused,
-                "skipped (unchanged)": out.skipped, "items/s": s.items_per_s, "encode seconds": s.seconds,
-                "max norm error": norm_error_max(m.norms, m.n_rows), "precision": m.precision or "—",
-                "shard bytes": m.shard_bytes}),
-        },
-        data_version=dg.DataVersion(m.fingerprint),
+        metadata=shard_metadata(home.layout, out, usage.as_metadata(), encoder.encoder.precision_probe),
+        data_version=dg.DataVersion(out.manifest.fingerprint),
     )
 
 

@@ -7,7 +7,7 @@ Who does what:
   reports the materialization metadata;
 - this process then checks that the manifest on *its* HOME is the shard the external step reported (a pod that wrote
   into another volume fails here, loudly), records it in the catalog with the same `record_outcome` the in-process path
-  uses, and returns the reported metadata plus `cataloged` and `path`. The DuckDB file is written by the orchestrator
+  uses, and builds the metadata from the reported outcome with the in-process path's function (`shard_metadata`). The DuckDB file is written by the orchestrator
   only, as before; the shard check (`shard_norm_check`) runs here too, as a separate step.
 
 Also here: the pod spec for `PipesK8sClient` and the `k8s_job_executor` config (`k8s_executor_config`), both built
@@ -22,7 +22,9 @@ from typing import Any
 import dagster as dg
 
 from embed_assets.core.embed import EmbedOutcome, record_outcome
+from embed_assets.core.encoder import EncodeStats
 from embed_assets.core.shards import ShardError, read_manifest
+from embed_assets.defs.metadata import shard_metadata
 from embed_assets.pipes.encode_partition import ENCODER_FIELDS
 from embed_assets.resources import EncodeCompute, EncoderResource, HomeResource, K8sEncodeConfig
 
@@ -89,14 +91,15 @@ def finish(context: dg.AssetExecutionContext, home: HomeResource,
             f"{layout.shard_manifest(key)} here has {on_disk}. The external process wrote into another HOME (K8s: "
             "encode_compute.k8s.home / home_claim must mount this HOME), or another run rewrote the partition "
             "meanwhile; re-materialize the partition"))
-    out = record_outcome(layout, EmbedOutcome(m, skipped=bool(reported["skipped_unchanged"].value)),
-                         say=context.log.info)
-    metadata: dict[str, Any] = {}
-    for k, v in reported.items():
-        metadata[k] = v
-        if k == "fingerprint":  # where the in-process path lists them
-            metadata["cataloged"] = out.cataloged
-            metadata["path"] = dg.MetadataValue.path(str(layout.shard_pt(key)))
+    outcomes = [x["outcome"] for x in invocation.get_custom_messages() if isinstance(x, dict) and "outcome" in x]
+    if not outcomes:
+        raise dg.Failure(description=f"{key}: the external encode step reported no outcome (an older "
+                         f"{MODULE} in the image?); rebuild the image from this version")
+    o = outcomes[-1]
+    out = EmbedOutcome(m, skipped=bool(o["skipped"]), n_encoded=int(o["n_encoded"]), n_reused=int(o["n_reused"]),
+                       stats=EncodeStats(**o["stats"]), seconds=float(o["seconds"]), fetched=bool(o["fetched"]))
+    out = record_outcome(layout, out, say=context.log.info)
+    metadata = shard_metadata(layout, out, o["usage"], o["precision_probe"])
     return dg.MaterializeResult(metadata=metadata, data_version=result.data_version,
                                 check_results=result.check_results, tags=result.tags)
 
