@@ -68,8 +68,9 @@ def _meta(result, node: str) -> list[dict[str, Any]]:
 
 
 def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[int, dict[str, Any]]:
-    """Materialize items, every partition (with its check), then norms, index and report. `encoder_resource`
-    replaces the encoder (benchmarks of pipeline overhead use `embed_assets.testing`'s stand-in)."""
+    """Materialize items, every partition (with its check), then norms, index and report, as runs in HOME's Dagster
+    instance (the one `embed-assets ui` shows), after saving the settings in HOME/settings.json (what the UI loads).
+    `encoder_resource` replaces the encoder (benchmarks of pipeline overhead use `embed_assets.testing`'s stand-in)."""
     from embed_assets.core.layout import Layout
     from embed_assets.definitions import build_definitions
 
@@ -447,12 +448,16 @@ def cmd_ui(a: argparse.Namespace) -> int:
         return 0
     os.environ.update(env)
     try:  # what the code location will load: fail here, with the reason, rather than in the UI
-        settings = Settings.from_env()
+        Settings.from_env()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    source = (f"{settings_path(home)} (its last `embed-assets run`)" if settings_path(home).exists()
-              else "the bundled SciFact sample (no `embed-assets run` into this HOME yet)")
+    if os.environ.get("EMBED_ASSETS_ITEMS"):
+        source = "the environment ($EMBED_ASSETS_ITEMS and the other EMBED_ASSETS_* variables)"
+    elif settings_path(home).exists():
+        source = f"{settings_path(home)} (its last `embed-assets run`), then any EMBED_ASSETS_* variables"
+    else:
+        source = "the bundled SciFact sample (no `embed-assets run` into this HOME yet)"
     cmd = ui_command(a.host, a.port, a.workspace or str(WORKSPACE))
     print(f"Dagster UI: http://{a.host}:{a.port}\n  HOME      {home}\n  instance  {dagster_home}\n"
           f"  settings  {source}\n  $ {shlex.join(cmd)}", file=sys.stderr, flush=True)
@@ -465,8 +470,8 @@ def _add_ui_parser(sub) -> None:
     u.add_argument("--home", default=home_from_env(), help="platform HOME (default: $EMBED_ASSETS_HOME or ./data)")
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     u.add_argument("--port", type=int, default=3000)
-    u.add_argument("--workspace", help="a workspace file (default: embed_assets.definitions as the code location "
-                                       "`embed_assets`, like workspace.yaml)")
+    u.add_argument("--workspace", help="a workspace file (default: the module embed_assets.definitions, as "
+                                       "workspace.yaml loads it)")
     u.add_argument("--print-env", action="store_true",
                    help="print the DAGSTER_HOME and EMBED_ASSETS_HOME to export for your own `dg dev`, and exit")
     u.set_defaults(fn=cmd_ui)

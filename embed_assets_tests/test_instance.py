@@ -156,3 +156,25 @@ def test_dg_check_defs_passes(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "All definitions loaded successfully" in out.stdout + out.stderr
+
+
+def test_every_way_to_start_dagster_names_the_same_code_location():
+    """A backfill or a sensor belongs to a code location by name: the daemon of one command must find the location
+    another command named. workspace.yaml, the one `embed-assets ui` loads, [tool.dagster], [tool.dg.project] and
+    `-m embed_assets.definitions` (whose location is the module's name) all agree."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    import yaml
+
+    from embed_assets.instance import WORKSPACE
+
+    def names(path: Path) -> list[str]:
+        return [e["python_module"].get("location_name", e["python_module"]["module_name"])
+                for e in yaml.safe_load(path.read_text())["load_from"]]
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]
+    assert names(ROOT / "workspace.yaml") == names(WORKSPACE) == ["embed_assets.definitions"]
+    assert tool["dagster"]["code_location_name"] == tool["dg"]["project"]["code_location_name"] == \
+        tool["dg"]["project"]["code_location_target_module"] == "embed_assets.definitions"

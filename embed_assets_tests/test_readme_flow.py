@@ -87,13 +87,18 @@ def ui(tmp_path):
 
     yield start
     for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
+        try:
+            os.killpg(p.pid, signal.SIGTERM)  # dg dev shuts its webserver, daemon and code servers down
+            p.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # whatever of the group is left (a SIGTERM that lands while dg dev starts up can go unanswered)
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=30)
 
 
 def test_the_ui_shows_what_the_cli_ran(tmp_path, ui):
@@ -153,7 +158,7 @@ def test_the_ui_shows_what_the_cli_ran(tmp_path, ui):
     assert materialized == {"processed_items", "item_embeddings", "embedding_norms", "faiss_index", "retrieval_report"}
     # the UI loaded the run's settings (HOME/settings.json), not the bundled sample's: the same items, fields and
     # partition size, so a materialization from the UI does what the run did
-    res = _graphql(port, RESOURCE, {"sel": {"repositoryLocationName": "embed_assets",
+    res = _graphql(port, RESOURCE, {"sel": {"repositoryLocationName": "embed_assets.definitions",
                                             "repositoryName": "__repository__", "resourceName": "items"}})
     values = {v["key"]: v["value"] for v in res["data"]["topLevelResourceDetailsOrError"]["configuredValues"]}
     assert json.loads(values["paths"]) == [str(corpus.resolve())], values
