@@ -461,6 +461,11 @@ def cmd_ui(a: argparse.Namespace) -> int:
     cmd = ui_command(a.host, a.port, a.workspace or str(WORKSPACE))
     print(f"Dagster UI: http://{a.host}:{a.port}\n  HOME      {home}\n  instance  {dagster_home}\n"
           f"  settings  {source}\n  $ {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    # Started in the background by a shell, SIGINT is ignored, and dagster maps SIGTERM onto SIGINT's handler: then
+    # `kill` would not stop the UI. Default SIGINT, so dg dev turns both into a clean shutdown.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.execv(cmd[0], cmd)
     return 0  # not reached
 
