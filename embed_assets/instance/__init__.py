@@ -99,10 +99,9 @@ def _touch_storage(instance) -> None:
     instance.event_log_storage.get_concurrency_keys()
 
 
-def ensure_instance(home: str | os.PathLike, log: Callable[[str], None] | None = None) -> Path:
-    """The instance folder for HOME, ready to open: with DAGSTER_HOME set it must exist (Dagster's own rule) and is
-    used as it is; else HOME/dagster is created with the shipped profile if it has none. Either way its storage is
-    initialized. Idempotent."""
+@contextmanager
+def _prepared(home: str | os.PathLike, log: Callable[[str], None] | None) -> Iterator:
+    """HOME's instance, opened once with its storage initialized (see `ensure_instance`)."""
     import dagster as dg
 
     user = user_dagster_home()
@@ -112,23 +111,35 @@ def ensure_instance(home: str | os.PathLike, log: Callable[[str], None] | None =
                                     f"DAGSTER_HOME to use the instance in HOME ({default_dagster_home(home)})")
         with dg.DagsterInstance.from_config(str(user)) as instance:
             _touch_storage(instance)
-        return user
+            yield instance
+        return
     folder = default_dagster_home(home)
     folder.mkdir(parents=True, exist_ok=True)
     with _init_lock(folder):
         if write_profile(folder) and log:
             log(f"Dagster instance: {folder} (new; profile {folder / 'dagster.yaml'})")
-        with dg.DagsterInstance.from_config(str(folder)) as instance:
+        instance = dg.DagsterInstance.from_config(str(folder))
+        try:
             _touch_storage(instance)
-    return folder
+        except BaseException:
+            instance.dispose()
+            raise
+    with instance:
+        yield instance
+
+
+def ensure_instance(home: str | os.PathLike, log: Callable[[str], None] | None = None) -> Path:
+    """The instance folder for HOME, ready to open: with DAGSTER_HOME set it must exist (Dagster's own rule) and is
+    used as it is; else HOME/dagster is created with the shipped profile if it has none. Either way its storage is
+    initialized. Idempotent."""
+    with _prepared(home, log) as instance:
+        return Path(instance.root_directory)
 
 
 @contextmanager
 def open_instance(home: str | os.PathLike, log: Callable[[str], None] | None = None):
     """HOME's instance (see `ensure_instance`), disposed on exit."""
-    import dagster as dg
-
-    with dg.DagsterInstance.from_config(str(ensure_instance(home, log))) as instance:
+    with _prepared(home, log) as instance:
         yield instance
 
 
