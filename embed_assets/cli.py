@@ -6,6 +6,10 @@
     embed-assets export --format grid|lcrec|parquet --out DIR [--home DIR]
     embed-assets search "TEXT" [-k 10] [--home DIR] [--json]
     embed-assets serve [--home DIR] [--host 127.0.0.1] [--port 8000] [--cache-ttl-s 300]
+    embed-assets ui [--home DIR] [--host 127.0.0.1] [--port 3000] [--print-env]
+
+`run` records its runs in HOME's Dagster instance (HOME/dagster, or $DAGSTER_HOME when set) and saves its settings
+in HOME/settings.json; `ui` starts `dg dev` on that instance with those settings, so the UI shows what `run` did.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from embed_assets.settings import (SAMPLE_CORPUS, SAMPLE_PUBLISHED, SAMPLE_PUBLI
                                    SAMPLE_QUERIES, Settings, split_fields)
 
 
-def _instance():
-    import dagster as dg
+def _instance(home: str, log=print):
+    """HOME's Dagster instance, the one `embed-assets ui` shows: $DAGSTER_HOME when set, else HOME/dagster (created
+    with the shipped profile on first use). See embed_assets/instance."""
+    from embed_assets.instance import open_instance
 
-    # With DAGSTER_HOME set, CLI runs land in the same instance the UI shows; otherwise an in-memory one.
-    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    return open_instance(home, log)
 
 
 # Dagster's console logger at INFO: the per-batch progress lines, without the engine's DEBUG chatter.
@@ -63,25 +68,39 @@ def _meta(result, node: str) -> list[dict[str, Any]]:
 
 
 def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[int, dict[str, Any]]:
-    """Materialize items, every partition (with its check), then norms, index and report. `encoder_resource`
-    replaces the encoder (benchmarks of pipeline overhead use `embed_assets.testing`'s stand-in)."""
-    from embed_assets.core.items import load_partitions
+    """Materialize items, every partition (with its check), then norms, index and report, as runs in HOME's Dagster
+    instance (the one `embed-assets ui` shows), after saving the settings in HOME/settings.json (what the UI loads).
+    `encoder_resource` replaces the encoder (benchmarks of pipeline overhead use `embed_assets.testing`'s stand-in)."""
     from embed_assets.core.layout import Layout
     from embed_assets.definitions import build_definitions
-    from embed_assets.defs.embeddings.partitions import item_partitions
 
     from embed_assets.core.store import STATS
 
     t0 = time.perf_counter()
     layout = Layout.at(settings.home, settings.base_uri)
+    existed = layout.home.exists()
     defs = build_definitions(settings, encoder_resource)
-    instance = _instance()
+    with _instance(settings.home, log) as instance:
+        return _run_pipeline(settings, defs, instance, layout, existed, t0, log)
+
+
+def _run_pipeline(settings: Settings, defs, instance, layout, existed: bool, t0: float,
+                  log) -> tuple[int, dict[str, Any]]:
+    from embed_assets.core.items import load_partitions
+    from embed_assets.defs.embeddings.partitions import item_partitions
+    from embed_assets.instance import cli_run_tags, release_dead_cli_runs
+
     summary: dict[str, Any] = {"home": str(layout.home), "items": settings.items, "failures": [], "checks": [],
                                "cpu0": time.process_time()}
     if settings.base_uri:
         summary["base_uri"] = settings.base_uri
         summary["store0"] = STATS.as_dict()
-    if layout.home.exists():
+    # the UI (`embed-assets ui`, i.e. Settings.from_env()) loads what this run ran
+    settings.save()
+    # runs of an earlier `embed-assets run` that was killed: marked failed, their encoder slot freed
+    release_dead_cli_runs(instance, log)
+    tags = cli_run_tags()
+    if existed:
         from embed_assets.core.verify import verify
 
         # leftovers of an interrupted run; the index is rebuilt below, so its check is skipped here
@@ -90,7 +109,7 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
 
     log(f"[1/3] processed_items from {', '.join(settings.items)}")
     res = defs.resolve_job_def("process_items_job").execute_in_process(
-        instance=instance, raise_on_error=False, run_config=RUN_CONFIG)
+        instance=instance, raise_on_error=False, run_config=RUN_CONFIG, tags=tags)
     summary["failures"] += _failures(res)
     if not res.success:
         return _finish(layout, summary, t0, log)
@@ -113,7 +132,7 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
     embed_job = defs.resolve_job_def("embed_shards_job")
     for i, key in enumerate(keys, 1):
         res = embed_job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False,
-                                           run_config=RUN_CONFIG)
+                                           run_config=RUN_CONFIG, tags=tags)
         summary["failures"] += _failures(res)
         summary["checks"] += _checks(res)
         for m in _meta(res, "item_embeddings"):
@@ -148,7 +167,7 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
     import dagster as dg
 
     res = defs.resolve_job_def("index_and_report_job").execute_in_process(
-        instance=instance, raise_on_error=False, run_config=RUN_CONFIG,
+        instance=instance, raise_on_error=False, run_config=RUN_CONFIG, tags=tags,
         asset_selection=[dg.AssetKey(n) for n in nodes])
     summary["failures"] += _failures(res)
     summary["checks"] += _checks(res)
@@ -322,6 +341,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         print("error: --queries and --qrels go together", file=sys.stderr)
         return 2
     code, _ = run_pipeline(s)
+    print(f"  the Dagster UI on these runs: embed-assets ui --home {a.home}")
     return code
 
 
@@ -420,6 +440,70 @@ def cmd_serve(a: argparse.Namespace) -> int:
                  reload_check_s=a.reload_check_s, threads=a.threads, log_level=a.log_level, access_log=a.access_log)
 
 
+def ui_command(host: str, port: int, workspace: str) -> list[str]:
+    """`dg dev` (Dagster 1.13's CLI) on `workspace`, from this environment; `dagster dev` where dagster-dg-cli is
+    not installed (it is the `dg` extra)."""
+    import shutil
+
+    args = ["dev", "-w", workspace, "-h", host, "-p", str(port)]
+    dg_bin = Path(sys.executable).with_name("dg")
+    dg_bin = str(dg_bin) if dg_bin.exists() else shutil.which("dg")
+    return [dg_bin, *args] if dg_bin else [sys.executable, "-m", "dagster", *args]
+
+
+def cmd_ui(a: argparse.Namespace) -> int:
+    """The Dagster UI on HOME's instance (HOME/dagster, or $DAGSTER_HOME) with the settings of HOME's last run."""
+    import shlex
+
+    from embed_assets.instance import WORKSPACE, ensure_instance
+    from embed_assets.settings import settings_path
+
+    home = a.home if "://" in a.home else str(Path(a.home).resolve())
+    try:
+        dagster_home = ensure_instance(home, log=lambda m: print(m, file=sys.stderr))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    env = {"DAGSTER_HOME": str(dagster_home), "EMBED_ASSETS_HOME": home}
+    if a.print_env:
+        print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()))
+        return 0
+    os.environ.update(env)
+    try:  # what the code location will load: fail here, with the reason, rather than in the UI
+        Settings.from_env()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if os.environ.get("EMBED_ASSETS_ITEMS"):
+        source = "the environment ($EMBED_ASSETS_ITEMS and the other EMBED_ASSETS_* variables)"
+    elif settings_path(home).exists():
+        source = f"{settings_path(home)} (its last `embed-assets run`), then any EMBED_ASSETS_* variables"
+    else:
+        source = "the bundled SciFact sample (no `embed-assets run` into this HOME yet)"
+    cmd = ui_command(a.host, a.port, a.workspace or str(WORKSPACE))
+    print(f"Dagster UI: http://{a.host}:{a.port}\n  HOME      {home}\n  instance  {dagster_home}\n"
+          f"  settings  {source}\n  $ {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    # Started in the background by a shell, SIGINT is ignored, and dagster maps SIGTERM onto SIGINT's handler: then
+    # `kill` would not stop the UI. Default SIGINT, so dg dev turns both into a clean shutdown.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+def _add_ui_parser(sub) -> None:
+    u = sub.add_parser("ui", help="the Dagster UI (dg dev) on HOME's instance, with the settings of its last run")
+    u.add_argument("--home", default=home_from_env(), help="platform HOME (default: $EMBED_ASSETS_HOME or ./data)")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    u.add_argument("--port", type=int, default=3000)
+    u.add_argument("--workspace", help="a workspace file (default: the module embed_assets.definitions, as "
+                                       "workspace.yaml loads it)")
+    u.add_argument("--print-env", action="store_true",
+                   help="print the DAGSTER_HOME and EMBED_ASSETS_HOME to export for your own `dg dev`, and exit")
+    u.set_defaults(fn=cmd_ui)
+
+
 def _add_search_parsers(sub) -> None:
     """`search` and `serve`."""
     from embed_assets.core.search import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_TTL_S, MAX_K, MAX_QUERY_CHARS
@@ -505,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--name", default="items", help="file name stem (lcrec, parquet)")
     x.set_defaults(fn=cmd_export)
     _add_search_parsers(sub)
+    _add_ui_parser(sub)
     a = p.parse_args(argv)
     return a.fn(a)
 

@@ -1,12 +1,16 @@
 """Configuration from the environment (used by definitions.py, i.e. `dagster dev`) and by the CLI.
 
-Defaults run the bundled SciFact sample, so `dagster dev` shows a working graph on a fresh checkout.
+`embed-assets run` saves the settings it ran with in HOME/settings.json; the UI (`Settings.from_env()`) starts from
+them, so it shows and materializes what the CLI ran. Environment variables override them field by field; with
+EMBED_ASSETS_ITEMS set, the environment describes another catalog and the saved settings are not used. Without
+either, the bundled SciFact sample, so `dagster dev` shows a working graph on a fresh checkout.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +34,10 @@ SAMPLE_PUBLISHED = {
 }
 SAMPLE_PUBLISHED_SOURCE = "MTEB, sentence-transformers/all-MiniLM-L6-v2, SciFact test (300 queries)"
 DEFAULT_PARTITION_SIZE = 200_000
+SETTINGS_FILE = "settings.json"
+_PATH_FIELDS = ("queries", "qrels")
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
 
 
 def split_fields(value: str) -> list[str]:
@@ -69,13 +77,50 @@ class Settings:
         return cls(home=home, items=[str(SAMPLE_CORPUS)], partition_size=SAMPLE_PARTITION_SIZE,
                    queries=str(SAMPLE_QUERIES), qrels=str(SAMPLE_QRELS))
 
+    def save(self) -> Path:
+        """Write these settings to HOME/settings.json (atomic; paths made absolute, so the UI finds them from any
+        directory). `embed-assets run` calls it before it runs."""
+        from embed_assets.core.atomic import atomic_write_json
+
+        data = asdict(self)
+        data.pop("home")
+        data["items"] = [_absolute(p) for p in self.items]
+        for k in _PATH_FIELDS:
+            data[k] = _absolute(data[k]) if data[k] else data[k]
+        return atomic_write_json(settings_path(self.home), {"version": 1, "settings": data})
+
+    @classmethod
+    def load(cls, home: str) -> Optional["Settings"]:
+        """The settings saved in HOME by its last `embed-assets run`, or None if there are none. Fields this version
+        does not know are ignored; a missing one takes its default."""
+        path = settings_path(home)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            data = raw["settings"]
+            known = {f.name for f in fields(cls)} - {"home"}
+            s = cls(home=home, **{k: v for k, v in data.items() if k in known})
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a settings file written by `embed-assets run` ({type(e).__name__}: {e}); "
+                             "run `embed-assets run` again, or delete the file to use the defaults") from e
+        if not isinstance(s.items, list) or not all(isinstance(p, str) for p in s.items):
+            raise ValueError(f"{path}: `items` must be a list of paths; run `embed-assets run` again, or delete the "
+                             "file to use the defaults")
+        return s
+
     @classmethod
     def from_env(cls) -> "Settings":
+        """HOME from $EMBED_ASSETS_HOME; then the settings saved in HOME (unless $EMBED_ASSETS_ITEMS names the items),
+        else the bundled sample; then each EMBED_ASSETS_* variable that is set."""
         env = os.environ
         home = home_from_env()
         items = env.get("EMBED_ASSETS_ITEMS")
-        s = cls(home=home, items=items.split(os.pathsep)) if items else cls.sample(home)
-        s.base_uri = env.get("EMBED_ASSETS_BASE_URI") or None
+        if items:
+            s = cls(home=home, items=items.split(os.pathsep))
+        else:
+            s = cls.load(home) or cls.sample(home)
+        s.base_uri = env.get("EMBED_ASSETS_BASE_URI") or s.base_uri
         s.id_field = env.get("EMBED_ASSETS_ID_FIELD", s.id_field)
         if env.get("EMBED_ASSETS_TEXT_FIELDS"):
             s.text_fields = split_fields(env["EMBED_ASSETS_TEXT_FIELDS"])
@@ -88,8 +133,10 @@ class Settings:
         s.index_kind = env.get("EMBED_ASSETS_INDEX_KIND", s.index_kind)
         s.device = env.get("EMBED_ASSETS_DEVICE", s.device)
         s.precision = env.get("EMBED_ASSETS_PRECISION", s.precision)
-        s.chunking = env.get("EMBED_ASSETS_CHUNKING", "0").lower() in ("1", "true", "yes")
-        s.semantic_ids = env.get("EMBED_ASSETS_SEMANTIC_IDS", "1").lower() not in ("0", "false", "no", "off")
+        if env.get("EMBED_ASSETS_CHUNKING"):
+            s.chunking = env["EMBED_ASSETS_CHUNKING"].lower() in _ON
+        if env.get("EMBED_ASSETS_SEMANTIC_IDS"):
+            s.semantic_ids = env["EMBED_ASSETS_SEMANTIC_IDS"].lower() not in _OFF
         s.sid_quantizer = env.get("EMBED_ASSETS_SID_QUANTIZER", s.sid_quantizer)
         if env.get("EMBED_ASSETS_SID_LEVELS"):
             s.sid_levels = int(env["EMBED_ASSETS_SID_LEVELS"])
@@ -97,8 +144,17 @@ class Settings:
             s.sid_codebook_size = int(env["EMBED_ASSETS_SID_CODEBOOK_SIZE"])
         s.encode_runner = env.get("EMBED_ASSETS_ENCODE_RUNNER", s.encode_runner)
         s.executor = env.get("EMBED_ASSETS_EXECUTOR", s.executor)
-        s.k8s = k8s_from_env(env)
+        s.k8s = {**s.k8s, **k8s_from_env(env)}
         return s
+
+
+def settings_path(home: str | os.PathLike) -> Path:
+    """HOME/settings.json: the settings of HOME's last `embed-assets run`."""
+    return Path(home) / SETTINGS_FILE
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
 
 
 # EMBED_ASSETS_K8S_<NAME> -> K8sEncodeConfig.<name>: how each variable is read.
