@@ -74,8 +74,6 @@ def run_pipeline(settings: Settings, log=print, encoder_resource=None) -> tuple[
     from embed_assets.core.layout import Layout
     from embed_assets.definitions import build_definitions
 
-    from embed_assets.core.store import STATS
-
     t0 = time.perf_counter()
     layout = Layout.at(settings.home, settings.base_uri)
     existed = layout.home.exists()
@@ -93,6 +91,8 @@ def _run_pipeline(settings: Settings, defs, instance, layout, existed: bool, t0:
     summary: dict[str, Any] = {"home": str(layout.home), "items": settings.items, "failures": [], "checks": [],
                                "cpu0": time.process_time()}
     if settings.base_uri:
+        from embed_assets.core.store import STATS
+
         summary["base_uri"] = settings.base_uri
         summary["store0"] = STATS.as_dict()
     # the UI (`embed-assets ui`, i.e. Settings.from_env()) loads what this run ran
