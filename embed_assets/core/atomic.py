@@ -9,8 +9,9 @@ import hashlib
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -63,7 +64,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _writer_gone(pid: int | None) -> bool:
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on `path`, created if missing; released when the block ends or the process
+    dies."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def process_gone(pid: int | None) -> bool:
+    """True only when no process with this pid exists on this machine (None, or one we may not signal: not gone)."""
     if pid is None:
         return False
     try:
@@ -73,6 +90,7 @@ def _writer_gone(pid: int | None) -> bool:
     except PermissionError:
         pass
     return False
+
 
 
 def _older_than(path: Path, max_age_s: float) -> bool:
@@ -88,11 +106,11 @@ def abandoned_temp_file(tmp: Path, max_age_s: float = 24 * 3600) -> bool:
     """A temp file whose writer is gone (its pid, part of the name, no longer runs) or that is older than a day."""
     parts = tmp.name.split(".")
     pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
-    return _writer_gone(pid) or _older_than(tmp, max_age_s)
+    return process_gone(pid) or _older_than(tmp, max_age_s)
 
 
 def abandoned_work_dir(work: Path, max_age_s: float = 24 * 3600) -> bool:
     """A scratch folder `.<what>-<pid>-<tag>` (e.g. ingest's spill folder) whose process is gone, or a day old."""
     parts = work.name.split("-")
     pid = int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
-    return _writer_gone(pid) or _older_than(work, max_age_s)
+    return process_gone(pid) or _older_than(work, max_age_s)

@@ -63,7 +63,6 @@ torch and faiss are imported inside functions only.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
@@ -81,7 +80,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from embed_assets.core.atomic import _fsync_dir, abandoned_temp_file, sha256_file
+from embed_assets.core.atomic import _fsync_dir, abandoned_temp_file, file_lock, sha256_file
 from embed_assets.core.rqvae import RqVaeConfig, RqVaeQuantizer
 from embed_assets.core.threads import scoped_threads
 from embed_assets.core import sid_report
@@ -675,15 +674,8 @@ def load_version(root: str | os.PathLike, name: str | None = None, verify: bool 
     return SidVersion(root, name, manifest)
 
 
-@contextmanager
 def _locked(root: Path):
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return file_lock(root / ".lock")
 
 
 def _clean_temp(root: Path) -> None:

@@ -13,7 +13,6 @@ items), each a few hundred events in SQLite, a few MB in all; the UI reads it in
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import socket
@@ -57,14 +56,10 @@ def dagster_home(home: str | os.PathLike) -> Path:
     return user_dagster_home() or default_dagster_home(home)
 
 
-@contextmanager
-def _init_lock(folder: Path) -> Iterator[None]:
-    with open(folder / ".embed_assets_init.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _init_lock(folder: Path):
+    from embed_assets.core.atomic import file_lock
+
+    return file_lock(folder / ".embed_assets_init.lock")
 
 
 def write_profile(folder: Path) -> bool:
@@ -91,11 +86,12 @@ def write_profile(folder: Path) -> bool:
     return True
 
 
-def _touch_storage(instance) -> None:
+def create_storage(instance) -> None:
     """Create the SQLite schemas now, in one process: two processes creating them at once (the webserver and the
     daemon that `dg dev` starts together) can both stamp the schema version, and then nothing loads."""
     instance.get_runs(limit=1)
     instance.all_instigator_state()
+    instance.get_dynamic_partitions("item_partitions")
     instance.event_log_storage.get_concurrency_keys()
 
 
@@ -110,7 +106,7 @@ def _prepared(home: str | os.PathLike, log: Callable[[str], None] | None) -> Ite
             raise FileNotFoundError(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']} is not a folder: create it, or unset "
                                     f"DAGSTER_HOME to use the instance in HOME ({default_dagster_home(home)})")
         with dg.DagsterInstance.from_config(str(user)) as instance:
-            _touch_storage(instance)
+            create_storage(instance)
             yield instance
         return
     folder = default_dagster_home(home)
@@ -120,7 +116,7 @@ def _prepared(home: str | os.PathLike, log: Callable[[str], None] | None) -> Ite
             log(f"Dagster instance: {folder} (new; profile {folder / 'dagster.yaml'})")
         instance = dg.DagsterInstance.from_config(str(folder))
         try:
-            _touch_storage(instance)
+            create_storage(instance)
         except BaseException:
             instance.dispose()
             raise
@@ -164,13 +160,11 @@ def cli_run_tags() -> dict[str, str]:
 def _cli_process_gone(tags) -> bool:
     if tags.get(CLI_HOST_TAG) != socket.gethostname() or not str(tags.get(CLI_PID_TAG, "")).isdigit():
         return False  # another machine's run, or not the CLI's: not ours to judge
+    from embed_assets.core.atomic import process_gone
+
     pid = int(tags[CLI_PID_TAG])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if process_gone(pid):
         return True
-    except PermissionError:
-        pass
     started = tags.get(CLI_START_TAG)
     return started is not None and _process_start(pid) not in (None, started)
 

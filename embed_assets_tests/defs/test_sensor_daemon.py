@@ -30,6 +30,7 @@ from embed_assets.core.items import Limits, items_config, load_partitions
 from embed_assets.core.layout import Layout
 from embed_assets.core.partitioning import id_hash, leaf_of_key
 from embed_assets.core.shards import read_manifest, verify_files
+from embed_assets.instance import create_storage
 from embed_assets.core.verify import verify
 from embed_assets.defs.items.sensors import ACTIVE, REQUEST_TAG
 from embed_assets_tests.conftest import expected_partitions, sample_docs, write_jsonl
@@ -68,12 +69,9 @@ def d(tmp_path_factory):
     log = tmp / "daemon.log"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DAGSTER_HOME", str(dagster_home))
-        # Create the instance's SQLite storage before any other process opens it: two processes creating it at once
-        # can both stamp its schema version ("more than one head present"), and nothing loads afterwards.
+        # Create the SQLite storage before two processes open it at once (both could stamp its schema version).
         instance = dg.DagsterInstance.get()
-        instance.get_runs(limit=1)
-        instance.all_instigator_state()
-        instance.get_dynamic_partitions("item_partitions")
+        create_storage(instance)
         with open(log, "w") as out:
             proc = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-m", "embed_assets.definitions"], cwd=tmp,
                                     env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

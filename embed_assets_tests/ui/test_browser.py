@@ -35,6 +35,7 @@ import dagster as dg
 import pytest
 
 from embed_assets.core.layout import Layout
+from embed_assets.instance import create_storage
 from embed_assets_tests.conftest import expected_partitions, sample_docs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,9 +99,7 @@ def ui(tmp_path_factory):
         mp.setenv("DAGSTER_HOME", str(dagster_home))
         # Create the SQLite storage before two processes open it at once (both could stamp its schema version).
         instance = dg.DagsterInstance.get()
-        instance.get_runs(limit=1)
-        instance.all_instigator_state()
-        instance.get_dynamic_partitions("item_partitions")
+        create_storage(instance)
         logs = {"webserver": OUT / "webserver.log", "daemon": OUT / "daemon.log"}
         try:
             for name, cmd in (
