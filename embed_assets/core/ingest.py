@@ -166,13 +166,17 @@ def _byte_blocks(fh, block_bytes: int) -> Iterator[tuple[int, bytes]]:
                 yield lineno, rest
             return
         data = rest + chunk
+        chunk = b""
         cut = data.rfind(b"\n")
         if cut < 0:
             rest = data
             continue
         block, rest = data[: cut + 1], data[cut + 1 :]
+        data = b""
+        n_lines = block.count(b"\n")
         yield lineno, block
-        lineno += block.count(b"\n")
+        block = b""  # dropped before the next read: one block's bytes alive at a time, not three
+        lineno += n_lines
 
 
 def _string_array(values: list):
@@ -321,6 +325,7 @@ def _jsonl_blocks(path, id_field, text_fields, title_field, block_bytes, hasher=
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
                 block = None
             yield block or _python_block(_jsonl_lines(data, first), path, id_field, text_fields, title_field)
+            t = rows = block = data = None  # released before the next block is read and parsed
 
 
 def _csv_python_rows(path: Path, hasher=None) -> Iterator[tuple[int, Any, str, str]]:
@@ -380,6 +385,7 @@ def _csv_blocks(path, id_field, text_fields, title_field, block_bytes, hasher=No
                 rows = pa.array(np.arange(row, row + t.num_rows, dtype=np.int64))
                 row += t.num_rows
                 yield _arrow_block(t, rows, path, id_field, text_fields, title_field)
+                t = rows = batch = None  # released before the next batch is parsed
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, UnicodeDecodeError) as e:
         raise _RestartExact(str(e)) from e
 
@@ -428,6 +434,7 @@ def _parquet_file_blocks(fh, path, id_field, text_fields, title_field, block_byt
             recs = ((r, rec, "", "") for r, rec in zip(range(row - t.num_rows, row), t.to_pylist()))
             block = _python_block(recs, path, id_field, text_fields, title_field)
         yield block
+        t = rows = batch = block = None  # released before the next batch is read
 
 
 # -- pass 1: clean, hash, reject, spill --------------------------------------------------------------------------------
@@ -629,6 +636,7 @@ def _read_file(con, path, fi, id_field, text_fields, title_field, limits, block_
             rejects.sort(key=lambda r: r.row)
             counts.update(r.reason for r in rejects)
             rejects_lines.extend(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects)
+            block = None  # else it stays alive while the next block is parsed: two blocks' memory instead of one
             if len(rejects_lines) > 10_000:
                 rej_out.writelines(rejects_lines)
                 rejects_lines = []
