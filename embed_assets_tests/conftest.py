@@ -19,8 +19,20 @@ def pytest_configure(config):
     starts), so each test session probes the machine it runs on rather than trusting a user's cache."""
     import tempfile
 
-    os.environ.setdefault("EMBED_ASSETS_PRECISION_PROBE_CACHE",
-                          str(Path(tempfile.mkdtemp(prefix="embed_assets_probe_")) / "precision_probe.json"))
+    if "EMBED_ASSETS_PRECISION_PROBE_CACHE" not in os.environ:
+        probe_dir = tempfile.mkdtemp(prefix="embed_assets_probe_")
+        config._embed_assets_probe_dir = probe_dir
+        os.environ["EMBED_ASSETS_PRECISION_PROBE_CACHE"] = str(Path(probe_dir) / "precision_probe.json")
+
+
+def pytest_unconfigure(config):
+    """The probe folder this session made goes with it (one was left in /tmp per test session)."""
+    import shutil
+
+    probe_dir = getattr(config, "_embed_assets_probe_dir", None)
+    if probe_dir:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+        os.environ.pop("EMBED_ASSETS_PRECISION_PROBE_CACHE", None)
 
 
 def sample_docs(n: int, start: int = 0) -> list[dict]:

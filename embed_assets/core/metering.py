@@ -1,8 +1,8 @@
 """Seconds and peak memory of one step, for run summaries and materialization metadata.
 
-Peak RSS is the process's high-water mark (VmHWM). A step resets it when it starts (Linux: `/proc/self/clear_refs`),
-so in a process that runs several steps (the CLI, in-process runs) each step reports its own peak, not the largest
-so far. Where the reset is not possible the figure is the process's peak so far, and says so.
+Peak RSS is the process's high-water mark (VmHWM). A step first returns the heap earlier steps freed to the OS
+(`malloc_trim`), then resets the mark (Linux: `/proc/self/clear_refs`), so in a process that runs several steps (the
+CLI, in-process runs) each step reports its own peak, not the largest so far nor what an earlier step left behind. Where the reset is not possible the figure is the process's peak so far, and says so.
 """
 
 from __future__ import annotations
@@ -24,6 +24,25 @@ class Usage:
     def as_metadata(self) -> dict[str, float]:
         return {"seconds": round(self.seconds, 3), "cpu_seconds": round(self.cpu_seconds, 3),
                 "peak_rss_mb": round(self.peak_rss_mb, 1)}
+
+
+def _trim_heap() -> None:
+    """Hand memory that earlier steps freed back to the OS (glibc `malloc_trim`). A process that runs several steps
+    (the CLI, in-process runs, a long backfill) otherwise keeps the largest step's freed heap resident, and every
+    later step's peak starts from it. A no-op where the C library has no malloc_trim."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def _reset_peak() -> bool:
@@ -49,6 +68,7 @@ def peak_rss_mb() -> float:
 @contextmanager
 def metered():
     """`with metered() as u: ...` then u.seconds and u.peak_rss_mb."""
+    _trim_heap()
     u = Usage(peak_is_per_step=_reset_peak())
     t0, c0 = time.perf_counter(), time.process_time()
     try:
