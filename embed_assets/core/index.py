@@ -145,9 +145,58 @@ def version_dir(layout: Layout, name: str | None = None) -> Path:
     return layout.index_root / name
 
 
-def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str, Any]) -> tuple[str, dict]:
+class IndexDiskFull(RuntimeError):
+    """Not enough free disk for a new index version, even after dropping the versions promotion would drop."""
+
+
+def version_bytes(index, n_ids_bytes: int = 0) -> int:
+    """What a version of this index takes on disk, about: its codes (+ 8 bytes of label or list entry per vector)
+    and its id map."""
+    try:
+        per_vector = int(index.sa_code_size())
+    except Exception:  # an index type without a standalone code size: fp32 vectors, the most any of ours takes
+        per_vector = int(index.d) * 4
+    return int(index.ntotal) * (per_vector + 8) + int(n_ids_bytes) + (1 << 20)
+
+
+def make_room(layout: Layout, need: int, keep: int = KEEP_VERSIONS, say: Callable[[str], None] = log.info) -> list[str]:
+    """Before a new version is written: when the disk under index/ has less free space than `need`, remove rejected
+    candidates, then the oldest versions that promoting the new one would remove anyway (all but the live one and
+    the newest keep - 2, so `keep` remain after promotion), until it fits. Raises IndexDiskFull, naming the sizes and the settings to
+    change, when even that is not enough. At 10M items a flat version is 15 GB: `keep` 3 means 45 GB kept and,
+    without this, a fourth 15 GB during each build."""
+    root = layout.index_root
+    free = shutil.disk_usage(root).free
+    if free >= need:
+        return []
+    live = current_version(layout)
+    old = [n for n in _version_names(layout) if not n.endswith(".rejected") and n != live]
+    spare = old[:max(0, len(old) - max(0, keep - 2))]
+    rejected = [n for n in _version_names(layout) if n.endswith(".rejected")]
+    removed = []
+    for n in rejected + spare:  # rejected candidates first: nobody rolls back to them
+        if free >= need:
+            break
+        size = sum(f.stat().st_size for f in (root / n).glob("*") if f.is_file())
+        shutil.rmtree(root / n, ignore_errors=True)
+        free = shutil.disk_usage(root).free
+        removed.append(n)
+        say(f"index: removed {n} ({size / 2**30:.1f} GB) before the build, to make room: promotion would have "
+            f"removed it (keep_index_versions={keep})")
+    if free < need:
+        raise IndexDiskFull(
+            f"{root}: a new index version needs about {need / 2**30:.1f} GB, {free / 2**30:.1f} GB is free "
+            f"(versions kept: {', '.join(_version_names(layout)) or 'none'}). Free disk space there, lower "
+            f"keep_index_versions (now {keep}), or set index_memory_budget_mb so the index is compressed "
+            f"(SQ8/PQ); nothing was written")
+    return removed
+
+
+def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str, Any],
+                  keep: int = KEEP_VERSIONS) -> tuple[str, dict]:
     """A new version folder: ids, index, then the manifest naming both by checksum, built under a temp name and
-    renamed into place whole. It is not live until `promote`."""
+    renamed into place whole. It is not live until `promote`. Room is made first (`make_room`), so a full disk
+    fails before anything is written, with a message, rather than half-way through a 15 GB file."""
     import faiss
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -165,10 +214,11 @@ def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str
 
         names += remote_versions(layout.store, INDEX_REL)
     name = f"v{max([int(n[1:6]) for n in names] or [0]) + 1:05d}"
+    arr = item_ids.arrow if isinstance(item_ids, ItemIds) else pa.array(list(item_ids), pa.string())
+    make_room(layout, version_bytes(index, arr.nbytes), keep)
     work = root / f".build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
     try:
-        arr = item_ids.arrow if isinstance(item_ids, ItemIds) else pa.array(list(item_ids), pa.string())
         pq.write_table(pa.table({"item_id": arr}), work / layout.index_ids.name)
         faiss.write_index(index, str(work / layout.index_file.name))
         crash_point("index_write")  # a half-built version: never named vNNNNN, never current
@@ -704,7 +754,7 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
             q = None
         meta["shadow"] = shadow_compare(layout, index, ids, q, tuning, pcfg) if q is not None and len(q) else \
             {"compared": False, "reason": "no current version" if not current_version(layout) else "no queries"}
-        name, saved = write_version(layout, index, ids, meta)
+        name, saved = write_version(layout, index, ids, meta, pcfg.keep_versions)
         blocked = promotion_blockers(tuning, meta["shadow"], pcfg)
         if blocked:
             live = current_version(layout)
