@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,9 +36,13 @@ def _build(home: Path, n: int, indexed: bool) -> None:
                     f"FROM range({n}) t(i)")
         con.execute(f"INSERT INTO shards (partition, rows, model_id, model_revision, max_seq_length, dim) "
                     f"SELECT 'p' || k, {n // PARTITIONS}, ?, ?, ?, ? FROM range({PARTITIONS}) t(k)", list(MODEL))
-        if indexed:
-            con.execute("CREATE INDEX items_text_hash ON items (text_hash)")
         con.execute("CHECKPOINT")
+    if indexed:  # the old schema; built without the memory limit (under 256 MB the index cannot even be created)
+        import duckdb
+
+        with duckdb.connect(str(layout.catalog_db)) as con:
+            con.execute("CREATE INDEX items_text_hash ON items (text_hash)")
+            con.execute("CHECKPOINT")
 
 
 def _measure(home: Path, n: int, variant: str, op: str) -> dict:
@@ -50,39 +53,51 @@ def _measure(home: Path, n: int, variant: str, op: str) -> dict:
     from embed_assets.core import catalog
     from embed_assets.core.layout import Layout
 
+    from embed_assets.core.metering import metered
+
     layout = Layout.at(home)
     per = n // PARTITIONS
-    t0 = time.perf_counter()
+    rss_before = 0.0
     if op == "write":  # what catalog._write does for one partition: delete its rows, insert the new ones, commit
         items = pa.table({"item_id": [f"item-new-{i}" for i in range(per)], "row": list(range(per)),
                           "text_hash": [f"{i:064x}" for i in range(per)]})
-        opened = (catalog.connect(layout.catalog_db) if variant == "current"
-                  else _plain(duckdb, layout.catalog_db))
-        with opened as con:
-            con.execute("BEGIN TRANSACTION")
-            con.execute("DELETE FROM items WHERE partition = 'p0'")
-            con.register("_shard_items", items)
-            con.execute("INSERT INTO items SELECT item_id, 'p0', \"row\", text_hash FROM _shard_items")
-            con.execute("COMMIT")
+        rss_before = _rss_mb()
+        with metered() as usage:
+            opened = (catalog.connect(layout.catalog_db) if variant == "current"
+                      else _plain(duckdb, layout.catalog_db))
+            with opened as con:
+                con.execute("BEGIN TRANSACTION")
+                con.execute("DELETE FROM items WHERE partition = 'p0'")
+                con.register("_shard_items", items)
+                con.execute("INSERT INTO items SELECT item_id, 'p0', \"row\", text_hash FROM _shard_items")
+                con.execute("COMMIT")
         found = per
     else:  # lookup: partitions holding 1,500 text hashes spread over the catalog
         step = max(1, n // LOOKUPS)
         with duckdb.connect(str(layout.catalog_db), read_only=True) as con:
             wanted = [h for (h,) in con.execute(
                 f"SELECT sha256(i::VARCHAR) FROM range(0, {n}, {step}) t(i)").fetchall()]
-        t0 = time.perf_counter()
-        if variant == "current":
-            version = dict(zip(("model_id", "model_revision", "max_seq_length", "dim"), MODEL))
-            found = len(catalog.partitions_holding(layout, wanted, version))
-        else:  # the old code asked the index one hash at a time
-            with _plain(duckdb, layout.catalog_db, read_only=True) as con:
-                parts = set()
-                for h in wanted:
-                    parts.update(p for (p,) in con.execute(
-                        "SELECT DISTINCT partition FROM items WHERE text_hash = ?", [h]).fetchall())
-            found = len(parts)
-    return {"seconds": round(time.perf_counter() - t0, 3), "found": found,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        rss_before = _rss_mb()
+        with metered() as usage:
+            if variant == "current":
+                version = dict(zip(("model_id", "model_revision", "max_seq_length", "dim"), MODEL))
+                found = len(catalog.partitions_holding(layout, wanted, version))
+            else:  # the old code asked the index one hash at a time
+                with _plain(duckdb, layout.catalog_db, read_only=True) as con:
+                    parts = set()
+                    for h in wanted:
+                        parts.update(p for (p,) in con.execute(
+                            "SELECT DISTINCT partition FROM items WHERE text_hash = ?", [h]).fetchall())
+                found = len(parts)
+    # the operation's own seconds and peak RSS (core.metering: the process's high-water mark reset when it starts;
+    # the process already holds Python, DuckDB, Arrow and the rows to write)
+    return {"seconds": round(usage.seconds, 3), "found": found, "peak_rss_mb": round(usage.peak_rss_mb, 1),
+            "rss_before_mb": round(rss_before, 1)}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:"))
 
 
 class _plain:
@@ -131,7 +146,8 @@ def main() -> None:
                "catalog_memory_mb": int(os.environ.get("EMBED_ASSETS_CATALOG_MEMORY_MB") or 256), "runs": []}
     print(f"CPU {results['cpu']}, {results['cores']} cores; {PARTITIONS} partitions; "
           f"catalog memory limit {results['catalog_memory_mb']} MB (current only)")
-    print(f"{'items':>11} {'variant':>9} {'db MB':>7} {'write s':>8} {'write MB':>9} {'lookup s':>9} {'lookup MB':>10}")
+    print("write/lookup MB: the operation's peak RSS, and in brackets what the process held when it started")
+    print(f"{'items':>11} {'variant':>9} {'db MB':>7} {'write s':>8} {'write MB':>15} {'lookup s':>9} {'lookup MB':>15}")
     with tempfile.TemporaryDirectory(prefix="catalog-bench-") as tmp:
         for n in sizes:
             row = {"items": n}
@@ -145,8 +161,9 @@ def main() -> None:
                 write = _child(home, n, variant, "write")
                 row[variant] = {"db_mb": size_mb, "write": write, "lookup": lookup}
                 print(f"{n:>11,} {variant:>9} {size_mb:>7,.0f} {write.get('seconds', float('nan')):>8.2f} "
-                      f"{write.get('peak_rss_mb', float('nan')):>9,.0f} {lookup.get('seconds', float('nan')):>9.3f} "
-                      f"{lookup.get('peak_rss_mb', float('nan')):>10,.0f}"
+                      f"{write.get('peak_rss_mb', float('nan')):>7,.0f} ({write.get('rss_before_mb', 0):>5,.0f}) "
+                      f"{lookup.get('seconds', float('nan')):>9.3f} "
+                      f"{lookup.get('peak_rss_mb', float('nan')):>7,.0f} ({lookup.get('rss_before_mb', 0):>5,.0f})"
                       + (f"  write error: {write['error']}" if "error" in write else "")
                       + (f"  lookup error: {lookup['error']}" if "error" in lookup else ""))
                 for p in db.parent.glob(db.name + "*"):

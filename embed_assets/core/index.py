@@ -159,7 +159,8 @@ def version_bytes(index, n_ids_bytes: int = 0) -> int:
     return int(index.ntotal) * (per_vector + 8) + int(n_ids_bytes) + (1 << 20)
 
 
-def make_room(layout: Layout, need: int, keep: int = KEEP_VERSIONS, say: Callable[[str], None] = log.info) -> list[str]:
+def make_room(layout: Layout, need: int, keep: int = KEEP_VERSIONS, say: Callable[[str], None] = log.warning
+              ) -> list[str]:
     """Before a new version is written: when the disk under index/ has less free space than `need`, remove rejected
     candidates, then the oldest versions that promoting the new one would remove anyway (all but the live one and
     the newest keep - 2, so `keep` remain after promotion), until it fits. Raises IndexDiskFull, naming the sizes and the settings to
@@ -215,7 +216,7 @@ def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str
         names += remote_versions(layout.store, INDEX_REL)
     name = f"v{max([int(n[1:6]) for n in names] or [0]) + 1:05d}"
     arr = item_ids.arrow if isinstance(item_ids, ItemIds) else pa.array(list(item_ids), pa.string())
-    make_room(layout, version_bytes(index, arr.nbytes), keep)
+    made_room = make_room(layout, version_bytes(index, arr.nbytes), keep)
     work = root / f".build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
     try:
@@ -233,6 +234,7 @@ def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str
             "ids_file": layout.index_ids.name,
             "ids_sha256": sha256_file(files[layout.index_ids.name]),
             "created_at": time.time(),
+            "made_room": made_room,  # older versions removed before this one was written (disk short): names
         }
         atomic_write_json(work / layout.index_manifest.name, manifest)
         os.rename(work, root / name)

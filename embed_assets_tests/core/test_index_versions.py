@@ -105,6 +105,7 @@ def test_a_full_disk_removes_what_promotion_would_remove_first_then_fails_clearl
     save_index(layout, index, ids, {"kind": "flat"})
     assert current_version(layout) == "v00004"
     assert sorted(p.name for p in layout.index_root.glob("v*")) == ["v00002", "v00003", "v00004"]
+    assert load_index(layout)[2]["made_room"] == ["v00001"]
     assert len(load_index(layout)[1]) == 2_000
 
     # short by more than a spare version frees: a clear error, the live version kept, nothing half-written
