@@ -78,10 +78,10 @@ CREATE TABLE IF NOT EXISTS items (
 DROP INDEX IF EXISTS items_text_hash;
 """
 # No index on items.text_hash. DuckDB keeps an ART index wholly in memory and loads it to write the table: at 10M
-# items it took a partition's catalog write from 516 MB and 1.0 s to 1,733 MB and 11.0 s (measured on a synthetic
-# 10M-row items table: /tmp/artx, see benchmarks/README.md "catalog at 10M"), and it fails under a memory limit.
-# Re-use looks text hashes up with one join scan of the column instead: 0.21 s for 1,500 hashes at 10M rows, in
-# bounded memory (364 MB peak with the limit below).
+# items a partition's catalog write took 2.70 s and 1,804 MB with it, 0.24 s and 286 MB without it, and under the
+# memory limit below the index could not even be created (benchmarks/catalog.py; benchmarks/README.md "catalog.py").
+# Re-use looks text hashes up with one join scan of the column instead: 0.27 s for 1,500 hashes at 10M rows, in
+# bounded memory (363 MB peak with the limit below), against 1.15 s through the index.
 
 # DuckDB's buffer pool for catalog connections (MB): without a limit it grows towards 80% of RAM with the catalog.
 CATALOG_MEMORY_MB_ENV = "EMBED_ASSETS_CATALOG_MEMORY_MB"
