@@ -163,9 +163,9 @@ def make_room(layout: Layout, need: int, keep: int = KEEP_VERSIONS, say: Callabl
               ) -> list[str]:
     """Before a new version is written: when the disk under index/ has less free space than `need`, remove rejected
     candidates, then the oldest versions that promoting the new one would remove anyway (all but the live one and
-    the newest keep - 2, so `keep` remain after promotion), until it fits. Raises IndexDiskFull, naming the sizes and the settings to
-    change, when even that is not enough. At 10M items a flat version is 15 GB: `keep` 3 means 45 GB kept and,
-    without this, a fourth 15 GB during each build."""
+    the newest keep - 2, so `keep` remain after promotion), until it fits. Raises IndexDiskFull, naming the sizes
+    and the settings to change, when even that is not enough. At 10M items a flat version is 15 GB: `keep` 3 means
+    45 GB kept and, without this, a fourth 15 GB during each build."""
     root = layout.index_root
     free = shutil.disk_usage(root).free
     if free >= need:
@@ -189,7 +189,7 @@ def make_room(layout: Layout, need: int, keep: int = KEEP_VERSIONS, say: Callabl
             f"{root}: a new index version needs about {need / 2**30:.1f} GB, {free / 2**30:.1f} GB is free "
             f"(versions kept: {', '.join(_version_names(layout)) or 'none'}). Free disk space there, lower "
             f"keep_index_versions (now {keep}), or set index_memory_budget_mb so the index is compressed "
-            f"(SQ8/PQ); nothing was written")
+            f"(SQ8/PQ). No version was written{'; removed to make room: ' + ', '.join(removed) if removed else ''}")
     return removed
 
 

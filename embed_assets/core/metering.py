@@ -2,7 +2,8 @@
 
 Peak RSS is the process's high-water mark (VmHWM). A step first returns the heap earlier steps freed to the OS
 (`malloc_trim`), then resets the mark (Linux: `/proc/self/clear_refs`), so in a process that runs several steps (the
-CLI, in-process runs) each step reports its own peak, not the largest so far nor what an earlier step left behind. Where the reset is not possible the figure is the process's peak so far, and says so.
+CLI, in-process runs) each step reports its own peak, not the largest so far nor what an earlier step left behind.
+Where the reset is not possible the figure is the process's peak so far, and says so.
 """
 
 from __future__ import annotations
