@@ -26,7 +26,7 @@ def faiss_index(context: dg.AssetExecutionContext, home: HomeResource, retrieval
     recall@10 meets min_ann_recall_at_10; choice, params, recall, QPS and the curve are recorded. Updated in place
     when few partitions changed (an IVF retrains only when the drift test says so). Each build is a new version;
     `current` moves only after the recall check and the shadow comparison pass. At 10M items a flat index is
-    14.6 GB (benchmarks/results/scale_1m_10m.txt); IVF-Flat keeps the bytes and scans nprobe of its lists."""
+    14,648 MB (benchmarks/results/scale_1m_10m.txt); IVF-Flat keeps the bytes and scans nprobe of its lists."""
     layout = home.layout
     from embed_assets.core.index_tune import held_out_queries
 
