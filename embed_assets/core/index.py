@@ -308,46 +308,17 @@ def publish_index(layout: Layout, name: str, keep: int = KEEP_VERSIONS, check: b
 
 
 def sync_index_with_store(layout: Layout, say: Callable[[str], None] = log.info) -> str:
-    """Make HOME's live index and the store's agree before a build, by their manifests' creation times: the store's
-    current version is downloaded (checksums verified) and made current here when it is newer or HOME has none; HOME's
-    is published when it is newer or the store has none (an earlier publish that failed). An untrusted version in the
-    store is reported and left alone (the build then starts from HOME's state). Returns what it did."""
-    import hashlib
+    """Make HOME's live index and the store's agree before a build (`core.store.sync_current`): the store's newer
+    version is fetched and made current here, HOME's newer one is published, an untrusted one is reported and left
+    alone (the build then starts from HOME's state). Returns what it did."""
+    from embed_assets.core.store import sync_current, work_dir_name
 
-    from embed_assets.core.store import Untrusted, fetch_version, read_pointer, work_dir_name
-
-    store = layout.store
-    if store is None:
+    if layout.store is None:
         return "no store"
-    try:
-        ptr = read_pointer(store, INDEX_REL)
-    except Untrusted as e:
-        say(f"{e}")
-        ptr = None
-    local = current_version(layout)
-    local_m, local_sha = None, None
-    if local is not None:
-        try:
-            local_m = read_index_manifest(layout, local)
-            local_sha = hashlib.sha256((layout.index_root / local / layout.index_manifest.name).read_bytes()
-                                       ).hexdigest()
-        except (IndexBuildError, OSError):
-            local = None
-    if ptr is not None and ptr["manifest_sha256"] == local_sha:
-        return "same"
-    if local is not None and (ptr is None or (local_m.get("created_at") or 0) > (ptr.get("created_at") or 0)):
-        publish_index(layout, local)
-        return "published"
-    if ptr is None:
-        return "none"
-    try:
-        fetch_version(store, INDEX_REL, ptr, layout.index_root, _index_files, work_dir_name(".build"))
-    except Untrusted as e:
-        say(f"{e}; the index is built here from the shards instead")
-        return "untrusted"
-    _point_current(layout, ptr["version"])
-    say(f"index {ptr['version']} taken from {store.uri(INDEX_REL)} (checksums verified)")
-    return "fetched"
+    return sync_current(layout.store, INDEX_REL, layout.index_root, current_version(layout), _index_files,
+                        publish=lambda name: publish_index(layout, name),
+                        point=lambda name: _point_current(layout, name), work_name=lambda _: work_dir_name(".build"),
+                        what="index", on_untrusted="the index is built here from the shards instead", say=say)
 
 
 def reject(layout: Layout, name: str, why: dict[str, Any]) -> str:

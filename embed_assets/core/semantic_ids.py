@@ -711,38 +711,16 @@ def publish_version(root: Path, store, name: str, keep: int | None = None, check
 
 def sync_with_store(root: Path, store, log: Callable[[str], None] = log_.info) -> str:
     """Before a build (under the build lock): the store's current version here when it is newer than HOME's (or HOME
-    has none), HOME's published when it is newer (or the store has none). Judged by the manifests' created_at."""
-    from embed_assets.core.store import Untrusted, fetch_version, read_pointer
+    has none), HOME's published when it is newer (or the store has none), by the manifests' created_at
+    (`core.store.sync_current`)."""
+    from embed_assets.core.store import sync_current
 
-    try:
-        ptr = read_pointer(store, SID_REL)
-    except Untrusted as e:
-        log(str(e))
-        ptr = None
-    local = read_current(root)
-    local_created, local_sha = None, None
-    if local is not None:
-        try:
-            raw = (root / local / "manifest.json").read_bytes()
-            local_created, local_sha = json.loads(raw).get("created_at") or 0, hashlib.sha256(raw).hexdigest()
-        except (OSError, ValueError):
-            local = None
-    if ptr is not None and ptr["manifest_sha256"] == local_sha:
-        return "same"
-    if local is not None and (ptr is None or local_created > (ptr.get("created_at") or 0)):
-        publish_version(root, store, local)
-        return "published"
-    if ptr is None:
-        return "none"
-    try:
-        fetch_version(store, SID_REL, ptr, root, _sid_files,
-                      f".{ptr['version']}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    except Untrusted as e:
-        log(f"{e}; semantic IDs continue from HOME's own state")
-        return "untrusted"
-    _point_current(root, ptr["version"])
-    log(f"semantic IDs {ptr['version']} taken from {store.uri(SID_REL)} (checksums verified)")
-    return "fetched"
+    return sync_current(store, SID_REL, root, read_current(root), _sid_files,
+                        publish=lambda name: publish_version(root, store, name),
+                        point=lambda name: _point_current(root, name),
+                        work_name=lambda version: f".{version}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp",
+                        what="semantic IDs",
+                        on_untrusted="semantic IDs continue from HOME's own state", say=log)
 
 
 def _fsync_file(path: Path) -> None:

@@ -403,6 +403,45 @@ def fetch_version(store: Store, rel_root: str, pointer: Mapping[str, Any], dest_
 REPORTS = "reports"
 
 
+def sync_current(store: Store, rel_root: str, local_root: Path, local: str | None,
+                 files_of: Callable[[dict[str, Any]], Mapping[str, str]], publish: Callable[[str], Any],
+                 point: Callable[[str], None], work_name: Callable[[str], str], what: str, on_untrusted: str,
+                 say: Callable[[str], None]) -> str:
+    """Make HOME's live version (`local`, a folder under `local_root`) and the store's `current` agree, by their
+    manifests' created_at: the store's version is fetched (checksums verified) and made current here with `point`
+    when it is newer or HOME has none; HOME's is published with `publish` when it is newer or the store has none (an
+    earlier publish that failed). A fetch is built in `local_root/work_name(version)`. An untrusted pointer or
+    version is reported and left alone. Returns what it did:
+    same, published, none, fetched or untrusted. Used by the index and the semantic IDs alike."""
+    try:
+        ptr = read_pointer(store, rel_root)
+    except Untrusted as e:
+        say(str(e))
+        ptr = None
+    local_created, local_sha = None, None
+    if local is not None:
+        try:
+            raw = (local_root / local / VERSION_MANIFEST).read_bytes()
+            local_created, local_sha = json.loads(raw).get("created_at") or 0, hashlib.sha256(raw).hexdigest()
+        except (OSError, ValueError):
+            local = None
+    if ptr is not None and ptr["manifest_sha256"] == local_sha:
+        return "same"
+    if local is not None and (ptr is None or local_created > (ptr.get("created_at") or 0)):
+        publish(local)
+        return "published"
+    if ptr is None:
+        return "none"
+    try:
+        fetch_version(store, rel_root, ptr, local_root, files_of, work_name(ptr["version"]))
+    except Untrusted as e:
+        say(f"{e}; {on_untrusted}")
+        return "untrusted"
+    point(ptr["version"])
+    say(f"{what} {ptr['version']} taken from {store.uri(rel_root)} (checksums verified)")
+    return "fetched"
+
+
 def publish_reports(store: Store, reports_dir: Path, names: list[str] | None = None) -> dict[str, int]:
     """Publish report files (all files in `reports_dir` by default): each as one object, then
     `<name>.manifest.json` with its sha256 and size. A report whose manifest in the store already has its sha256 is
