@@ -199,11 +199,20 @@ def write_shard_pt(path: Path, item_ids: Sequence[str], emb: np.ndarray) -> str:
     return _write_hashed(path, _pt_bytes(item_ids, emb))
 
 
-def _load_pt(source) -> tuple[list[str], np.ndarray]:
-    import torch
+def _load_pt(data: bytes) -> tuple[list[str], np.ndarray]:
+    """A shard file's (ids, vectors): core/shard_pt.py's restricted C unpickler for the plain layout this module
+    writes (10x faster), torch.load(weights_only=True) for anything else."""
+    import io
 
-    data = torch.load(source, weights_only=True, map_location="cpu")
-    return list(data["item_id"]), data["embeddings"].numpy()
+    from embed_assets.core.shard_pt import NotASimpleShard, read_shard_pt
+
+    try:
+        return read_shard_pt(data)
+    except NotASimpleShard:
+        import torch
+
+        loaded = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        return list(loaded["item_id"]), loaded["embeddings"].numpy()
 
 
 def write_shard_items(path: Path, item_ids: Sequence[str], text_hashes: Sequence[str]) -> str:
@@ -564,22 +573,20 @@ def read_verified_bytes(path: Path, sha256: str, partition: str) -> bytes:
 
 
 # Parsed shards by checksum of their verified bytes: in one process (CLI, in-process runs) the check, the norm summary,
-# re-use and the index build read the same shard; torch's weights_only unpickler is the slow part, the hash is not.
+# re-use and the index build read the same shard; parsing is the slow part, the hash is not.
 _PARSED: "OrderedDict[str, tuple[list[str], np.ndarray]]" = OrderedDict()
 _PARSED_MAX = 2
 
 
 def load_verified(layout: Layout, m: ShardManifest, folder: Path | None = None) -> tuple[list[str], np.ndarray]:
     """A shard's ids and fp16 vectors, only if the file is byte for byte what its manifest vouches for."""
-    import io
-
     data = read_verified_bytes((folder or layout.embeddings_dir) / m.shard_file, m.shard_sha256, m.partition)
     if m.shard_sha256 in _PARSED:
         _PARSED.move_to_end(m.shard_sha256)
         ids, emb = _PARSED[m.shard_sha256]
         return list(ids), emb.copy()
     try:
-        ids, emb = _load_pt(io.BytesIO(data))
+        ids, emb = _load_pt(data)
     except Exception as e:
         raise ShardError(f"shard {m.partition}: unreadable ({e}); re-materialize partition {m.partition}") from e
     _PARSED[m.shard_sha256] = (ids, emb)
