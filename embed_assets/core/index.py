@@ -390,7 +390,7 @@ def in_place_memory_limit() -> int:
     return 8 << 30
 
 
-MAX_HOLES = 0.25  # an IVF index whose removed positions pass this share of its id map is rebuilt (compacted)
+MAX_HOLES = 0.25  # an IVF index whose removed positions pass this share of its id map is refilled (compacted)
 
 
 def stored_vectors(index, positions) -> np.ndarray:
@@ -553,15 +553,19 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
     if not removed and not added:
         return (index, ids, ranges, trained, {"mode": "unchanged", "n_partitions_added": 0, "n_partitions_removed": 0,
                                               "n_vectors_added": 0, "n_vectors_removed": 0}), ""
-    if _too_many(removed, added, manifests):
-        return None, "too many partitions changed"
     # the drift test, on the new vectors only (a bounded sample of them)
     fresh = [load_verified(layout, m)[1][:20_000].astype(np.float32) for m in added[:8]]
     drift = (centroid_distance(index, np.concatenate(fresh)) / trained["train_centroid_distance"]
              if fresh and trained.get("train_centroid_distance") else 1.0)
+    del fresh
     if drift > cfg.drift_ratio:
         return None, (f"drift: new vectors sit {drift:.2f}x farther from their centroids than the training sample "
                       f"(limit {cfg.drift_ratio}); retrained")
+    if _too_many(removed, added, manifests):
+        n_changed = len(set(removed) | {m.partition for m in added})
+        return _refill_ivf(layout, index, manifests, trained, drift, cfg.drift_ratio,
+                           f"{n_changed} of {len(manifests)} partitions changed (more than "
+                           f"{IN_PLACE_MAX_CHANGED:.0%})"), ""
     drop = _drop_mask(len(ids), ranges, removed)
     if drop.any():
         gone = np.ascontiguousarray(np.flatnonzero(drop).astype(np.int64))
@@ -571,11 +575,27 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
     _add_shards(index, layout, added, len(ids), parts, new_ranges, with_ids=True)
     ids = ItemIds.concat(parts)
     if ids.arrow.null_count > MAX_HOLES * len(ids):
-        return None, f"removed positions past {MAX_HOLES:.0%} of the id map: rebuilt to compact it"
+        return _refill_ivf(layout, index, manifests, trained, drift, cfg.drift_ratio,
+                           f"removed positions past {MAX_HOLES:.0%} of the id map (compacted)"), ""
     how = {"mode": "in_place", "n_partitions_added": len(added), "n_partitions_removed": len(removed),
            "n_vectors_added": sum(m.n_rows for m in added), "n_vectors_removed": int(drop.sum()),
            "drift_ratio": float(drift)}
     return (index, ids, new_ranges, trained, how), ""
+
+
+def _refill_ivf(layout: Layout, index, manifests, trained: dict, drift: float, limit: float, why: str):
+    """Empty the trained IVF index and add every shard again: a rebuild without k-means (the drift test passed, so
+    the centroids and the codec still fit). Costs one assignment pass over the catalog instead of training plus
+    that pass; `trained` stays the original training's record, the drift baseline of later updates."""
+    index.reset()  # inverted lists and the direct map emptied; the coarse quantizer and the codec kept
+    parts: list = []
+    ranges: dict = {}
+    _add_shards(index, layout, manifests, 0, parts, ranges, with_ids=True)
+    ids = ItemIds.concat(parts)
+    how = {"mode": "refill", "reason": f"{why}: trained centroids re-used (drift {drift:.2f} <= {limit})",
+           "n_partitions_added": len(manifests), "n_partitions_removed": 0, "n_vectors_added": len(ids),
+           "n_vectors_removed": 0, "drift_ratio": float(drift)}
+    return index, ids, ranges, trained, how
 
 
 def _update_in_place(layout: Layout, kind: str, version: dict, manifests, want: dict[str, str]):
@@ -655,7 +675,9 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
     `flat_max_items`, else IVF), and tunes a non-flat index's search knob on held-out `queries()` (vectors and where
     they came from) until recall@k against exact search meets the target; the choice, the params, the measured
     recall, QPS and curve go in the manifest (`structure`, `tuning`). An IVF index is updated in place like a flat one
-    unless the drift test or the holes left by removals call for a retrain (`update.mode`, `update.reason`).
+    while few partitions changed; past that, or once removals leave too many holes, it is refilled (every shard
+    added again to the trained index, no k-means); only the drift test calls for a retrain (`update.mode`,
+    `update.reason`).
 
     What to index comes from the manifests and the files' checksums alone, never from the catalog. The catalog is
     synced on the way (so it lists the indexed shards), but a busy one (`CatalogLocked` after `catalog_timeout_s`)

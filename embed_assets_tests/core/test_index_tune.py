@@ -60,3 +60,39 @@ def test_ivf_is_tuned_updated_in_place_and_retrained_on_drift(tmp_path, encoder)
     assert third["update"]["mode"] == "rebuild" and third["update"]["reason"].startswith("drift")
     _, ids3, _ = load_index(layout)
     assert len(ids3) == len(docs) and ids3.arrow.null_count == 0  # a rebuild compacts
+
+
+def test_ivf_refill_reuses_the_trained_centroids_when_most_partitions_changed(tmp_path, encoder):
+    """A change spread over most partitions (a uniform 1% edit of a real catalog touches every one) refills the
+    trained index: no k-means, the same centroids, every item once, no holes, and exhaustive search equals exact."""
+    import faiss
+
+    docs = sample_docs(480)
+    corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", docs)
+    layout = Layout.at(tmp_path / "home")
+    embed_catalog(layout, corpus, encoder, 30)  # 16 partitions
+    cfg = TuneConfig(flat_max_items=100, n_queries=60)
+    queries = lambda: held_out_queries(layout, encoder, 60)  # noqa: E731
+    first = build_from_shards(layout, load_partitions(layout), "auto", tune_config=cfg, queries=queries)
+    index1, _, _ = load_index(layout)
+    centroids = faiss.extract_index_ivf(index1).quantizer.reconstruct_n(0, index1.nlist)
+
+    for i in range(0, len(docs), 8):  # 60 edits: every partition holds some
+        docs[i] = {**docs[i], "title": docs[i]["title"] + " (revised edition)"}
+    gone = docs.pop(1)["_id"]
+    write_jsonl(corpus, docs)
+    embed_catalog(layout, corpus, encoder, 30)
+    second = build_from_shards(layout, load_partitions(layout), "auto", tune_config=cfg, queries=queries)
+    how = second["update"]
+    assert how["mode"] == "refill" and "partitions changed" in how["reason"], how
+    assert how["drift_ratio"] <= cfg.drift_ratio and second["trained"] == first["trained"]  # not retrained
+    index, ids, manifest = load_index(layout)
+    ivf = faiss.extract_index_ivf(index)
+    assert np.array_equal(ivf.quantizer.reconstruct_n(0, ivf.nlist), centroids)
+    assert ids.arrow.null_count == 0 and sorted(ids) == sorted(d["_id"] for d in docs) and gone not in set(ids)
+    assert index.ntotal == len(docs) and second["tuning"]["met"]
+    q, _ = queries()
+    _, gt = exact_search(layout, manifest, q, 10)
+    ivf.nprobe = ivf.nlist  # every list: exhaustive, so the exact search's answer
+    _, labels = index.search(np.ascontiguousarray(q), 10)
+    assert [set(r) for r in labels.tolist()] == [set(r) for r in gt.tolist()]

@@ -57,7 +57,7 @@ def faiss_index(context: dg.AssetExecutionContext, home: HomeResource, retrieval
             "n_shards": len(manifest["partitions"]),
             "build_seconds": round(manifest["build_seconds"], 3),
             "bytes": manifest["index_bytes"],
-            "update_mode": how["mode"],  # rebuild, in_place or unchanged
+            "update_mode": how["mode"],  # rebuild, refill (IVF, no retraining), in_place or unchanged
             "n_partitions_written": how["n_partitions_added"],
             "n_vectors_added": how["n_vectors_added"],
             "n_vectors_removed": how["n_vectors_removed"],
