@@ -55,8 +55,11 @@ on a 65,536-vector sample, 500 neighbour queries; fp16 shards of 200,000 synthet
 Training does not grow with the catalog (bounded sample); the encode pass is linear, 13-22 s per million items on
 these 2 busy cores (3 nearest-codeword searches over 256 codes + the exact-neighbour check of 500 sampled items),
 one shard of vectors in memory at a time; the rest of the memory is ~230 bytes per item (id, codes, hash, errors,
-the output table). A refresh re-encodes every item with the frozen codebooks but keeps the stored ID of every item
-whose vector did not change.
+the output table). A refresh searches the frozen codebooks only for new or changed vectors: an unchanged vector
+(same item, same partition, same fp16 bytes) takes its stored codes, and only its residuals are recomputed,
+bit-identically (`input_rows` in the manifest locates each partition's rows; `changes.n_codes_carried` counts
+them). It keeps the stored ID of every item whose vector did not change. It still reads every shard once (hashes,
+the neighbour check and the report's statistics are over the whole catalog).
 
 torch and faiss are imported inside functions only.
 """
@@ -309,14 +312,23 @@ class RqKMeansQuantizer:
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """codes (n x L int32), reconstruction (n x d float32), squared error after each level (n x L float32)."""
+        return self._residuals(x, None)
+
+    def encode_known(self, x: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What `encode(x)` returns when `codes` are already known to be x's (an unchanged vector's stored codes):
+        the same float32 operations in the same order, without the nearest-codeword searches, so bit-identical."""
+        return self._residuals(x, np.asarray(codes, dtype=np.int32))
+
+    def _residuals(self, x: np.ndarray, known: np.ndarray | None):
         x = np.ascontiguousarray(x, dtype=np.float32)
         r = x.copy()
-        codes = np.empty((len(x), self.levels), dtype=np.int32)
+        codes = np.empty((len(x), self.levels), dtype=np.int32) if known is None else known
         level_sqerr = np.empty((len(x), self.levels), dtype=np.float32)
         for level in range(self.levels):
-            _, idx = self._index(level).search(r, 1)
-            codes[:, level] = idx[:, 0]
-            r -= self.books[level][idx[:, 0]]
+            if known is None:
+                _, idx = self._index(level).search(r, 1)
+                codes[:, level] = idx[:, 0]
+            r -= self.books[level][codes[:, level]]
             level_sqerr[:, level] = np.einsum("ij,ij->i", r, r)
         return codes, x - r, level_sqerr
 
@@ -489,14 +501,18 @@ class _Encoded:
 
 def encode_pass(shards: Sequence[ShardInput], quantizers: Mapping[str, Any], queries: np.ndarray | None = None,
                 query_rows: np.ndarray | None = None, k: int = 10, chunk_rows: int = 65_536,
-                log: Callable[[str], None] | None = None) -> _Encoded:
+                log: Callable[[str], None] | None = None, carried=None) -> _Encoded:
     """One pass, shard by shard: hash, encode with every quantizer, and the exact k nearest neighbours (inner
-    product) of `queries` among all rows. Memory: one shard plus per-item results."""
+    product) of `queries` among all rows. Memory: one shard plus per-item results.
+
+    `carried(partition, ids, hashes)` -> (mask, codes) or None gives the stored codes of rows whose vector is
+    unchanged (`_carried_codes`); a quantizer with `encode_known` then skips their nearest-codeword searches and
+    only recomputes their residuals (bit-identical). `per_q[name]["n_carried"]` counts them."""
     import pyarrow as pa
 
     ids_parts, hash_parts = [], []
-    per_q = {name: {"codes": [], "cos": [], "sqerr": [], "level_sqerr_sum": np.zeros(q.levels), "seconds": 0.0}
-             for name, q in quantizers.items()}
+    per_q = {name: {"codes": [], "cos": [], "sqerr": [], "level_sqerr_sum": np.zeros(q.levels), "seconds": 0.0,
+                    "n_carried": 0} for name, q in quantizers.items()}
     use_nn = queries is not None and len(queries) > 0
     if use_nn:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -515,6 +531,7 @@ def encode_pass(shards: Sequence[ShardInput], quantizers: Mapping[str, Any], que
         dim = vecs.shape[1]
         ids_parts.append(pa.array(list(ids), pa.string()))
         hash_parts.append(vector_hashes(vecs))
+        known = carried(s.partition, ids_parts[-1], hash_parts[-1]) if carried is not None else None
         for c0 in range(0, len(vecs), chunk_rows):
             x = np.ascontiguousarray(vecs[c0:c0 + chunk_rows], dtype=np.float32)
             if not np.isfinite(x).all():
@@ -523,8 +540,13 @@ def encode_pass(shards: Sequence[ShardInput], quantizers: Mapping[str, Any], que
             xn = np.sqrt(np.einsum("ij,ij->i", x, x))
             for name, q in quantizers.items():
                 tq = time.perf_counter()
-                codes, recon, level_sqerr = q.encode(x)
                 acc = per_q[name]
+                if known is not None and hasattr(q, "encode_known"):
+                    mask, stored = known[0][c0:c0 + chunk_rows], known[1][c0:c0 + chunk_rows]
+                    codes, recon, level_sqerr = _encode_some(q, x, mask, stored)
+                    acc["n_carried"] += int(mask.sum())
+                else:
+                    codes, recon, level_sqerr = q.encode(x)
                 rn = np.sqrt(np.einsum("ij,ij->i", recon, recon))
                 acc["codes"].append(codes)
                 acc["cos"].append((np.einsum("ij,ij->i", x, recon) / np.maximum(xn * rn, 1e-12)).astype(np.float32))
@@ -541,11 +563,54 @@ def encode_pass(shards: Sequence[ShardInput], quantizers: Mapping[str, Any], que
     for name, acc in per_q.items():
         out_q[name] = {"codes": np.concatenate(acc["codes"]), "cos": np.concatenate(acc["cos"]),
                        "sqerr": np.concatenate(acc["sqerr"]), "level_sqerr_sum": acc["level_sqerr_sum"],
-                       "seconds": acc["seconds"]}
+                       "seconds": acc["seconds"], "n_carried": acc["n_carried"]}
     if use_nn:
         best_i[~np.isfinite(best_s)] = -1
     return _Encoded(pa.concat_arrays(ids_parts), np.concatenate(hash_parts), dim, out_q,
                     query_rows if use_nn else None, best_i if use_nn else None)
+
+
+def _encode_some(q, x: np.ndarray, mask: np.ndarray, stored: np.ndarray):
+    """q.encode(x), with the rows under `mask` taking their `stored` codes (encode_known) instead of a search."""
+    if mask.all():
+        return q.encode_known(x, stored)
+    if not mask.any():
+        return q.encode(x)
+    codes = np.empty((len(x), q.levels), dtype=np.int32)
+    recon = np.empty_like(x)
+    level_sqerr = np.empty((len(x), q.levels), dtype=np.float32)
+    for rows, out in ((mask, q.encode_known(x[mask], stored[mask])), (~mask, q.encode(x[~mask]))):
+        codes[rows], recon[rows], level_sqerr[rows] = out
+    return codes, recon, level_sqerr
+
+
+def _carried_codes(prev: "SidVersion", table, levels: int):
+    """For encode_pass: per shard, which rows the previous version holds with the same vector (same item id in the
+    same partition, same vector hash), and their stored codes. Looks only at that partition's rows of the previous
+    table (`input_rows` in its manifest), so a shard costs O(its rows), not O(catalog). None when the previous
+    version predates `input_rows` (then every row is encoded, as before)."""
+    import pyarrow.compute as pc
+
+    rows = prev.manifest.get("input_rows")
+    if not isinstance(rows, dict) or table.num_rows != sum(int(c) for _, c in rows.values()):
+        return None
+    prev_ids = table.column("item_id").combine_chunks()
+    prev_hash = table.column("vector_hash").to_numpy()
+    prev_codes = _table_codes(table, levels + 1)[:, :levels]
+
+    def lookup(partition: str, ids, hashes: np.ndarray):
+        if partition not in rows:
+            return None
+        start, count = (int(v) for v in rows[partition])
+        if count == 0:
+            return None
+        idx = pc.index_in(ids, value_set=prev_ids.slice(start, count)).fill_null(-1).to_numpy(
+            zero_copy_only=False).astype(np.int64)
+        at = start + np.maximum(idx, 0)
+        ok = (idx >= 0) & (prev_hash[at] == hashes) if len(at) else np.zeros(0, bool)
+        return ok, prev_codes[at]
+
+    return lookup
 
 
 def _merge_knn(queries: np.ndarray, query_rows: np.ndarray, x: np.ndarray, first_row: int, best_s: np.ndarray,
@@ -1034,12 +1099,14 @@ def _comparison(enc: _Encoded, quantizers: Mapping[str, Any], k: int, train_s: M
     return out
 
 
-def _assign_incremental(prev, enc: _Encoded, codes: np.ndarray, k: int, extra: int, levels: int, version: str):
-    """Carry IDs from the previous version; returns (full codes, retired table, changes dict, new-vector mask)."""
+def _assign_incremental(prev, enc: _Encoded, codes: np.ndarray, k: int, extra: int, levels: int, version: str,
+                        table=None):
+    """Carry IDs from the previous version (`table`: its semantic_ids table, when already read); returns (full
+    codes, retired table, changes dict, new-vector mask)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    pt = prev.table()
+    pt = table if table is not None else prev.table()
     prev_full = _table_codes(pt, levels + 1)
     prev_hash = pt.column("vector_hash").to_numpy()
     prev_ids = pt.column("item_id").combine_chunks() if pt.num_rows else pa.array([], pa.string())
@@ -1185,6 +1252,8 @@ def _build(root: Path, shards: list[ShardInput], config: SidConfig, retrain: boo
     emb_version = check_inputs(shards)
     n_total = sum(s.n_rows for s in shards)
     fingerprints = {s.partition: s.fingerprint for s in shards}
+    starts = np.cumsum([0] + [s.n_rows for s in shards])
+    input_rows = {s.partition: [int(starts[i]), int(s.n_rows)] for i, s in enumerate(shards)}  # rows in the table
     with _locked(root):
         _clean_temp(root)
         if store is not None:
@@ -1215,11 +1284,16 @@ def _build(root: Path, shards: list[ShardInput], config: SidConfig, retrain: boo
             extra = prev.manifest["extra_digit_size"]
             k_reason = prev.manifest["codebook_size_reason"]
             rows_q, queries = _queries_pass(shards, n_total, config)
+            prev_table = prev.table()
             enc = encode_pass(shards, {config.quantizer: quantizer}, queries, rows_q, config.neighbour_k,
-                              config.chunk_rows, log)
+                              config.chunk_rows, log, carried=_carried_codes(prev, prev_table, config.levels))
             _check_unique_item_ids(enc.ids)
             codes = enc.per_q[config.quantizer]["codes"]
-            full, retired, changes, fresh = _assign_incremental(prev, enc, codes, k, extra, config.levels, name)
+            full, retired, changes, fresh = _assign_incremental(prev, enc, codes, k, extra, config.levels, name,
+                                                                prev_table)
+            del prev_table
+            # rows whose stored codes were re-used (unchanged vectors): no nearest-codeword search for them
+            changes["n_codes_carried"] = int(enc.per_q[config.quantizer]["n_carried"])
             baseline = prev.manifest["training_sample"]["baseline_sqerr"]
             n_fresh = int(fresh.sum())
             ratio = float(enc.per_q[config.quantizer]["sqerr"][fresh].mean() / baseline) if n_fresh and baseline \
@@ -1287,7 +1361,7 @@ def _build(root: Path, shards: list[ShardInput], config: SidConfig, retrain: boo
             "training_sample": training, "seed": config.seed, "config": config.as_dict(),
             "config_identity": config.identity(),
             "embedding_version": json.loads(json.dumps(emb_version, default=str)),
-            "input_shards": fingerprints, "n_items": int(len(enc.ids)),
+            "input_shards": fingerprints, "input_rows": input_rows, "n_items": int(len(enc.ids)),
             "stats": {key: report.get(key) for key in stats_keys}, "changes": changes,
         }
         path = _write_version(root, name, files, quantizer, manifest, report)

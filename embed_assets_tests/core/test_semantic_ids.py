@@ -356,3 +356,34 @@ def test_titles_from_parquet_reads_only_the_asked_rows(tmp_path):
                    tmp_path / "items.parquet")
     assert S.titles_from_parquet(tmp_path / "items.parquet")(["c", "a", "zz"]) == {"c": "C", "a": "A"}
     assert S.titles_from_parquet(tmp_path / "missing.parquet")(["a"]) == {}
+
+
+def test_refresh_carries_codes_of_unchanged_vectors_bit_identical(tmp_path, real):
+    """A refresh does not search the codebooks for a vector the previous version already coded (same item, same
+    partition, same fp16 bytes): it takes the stored codes and recomputes the residuals. What comes out equals
+    encoding every vector afresh, bit for bit (codes, cosines, errors), and only the changed rows were searched."""
+    root = tmp_path / "semantic_ids"
+    ids, vecs = list(real["ids"][:N_BASE]), real["vecs"][:N_BASE]
+    S.build_semantic_ids(root, _shards(ids, vecs), CFG)
+    v1 = S.load_version(root)
+    assert v1.manifest["input_rows"] == {"p0": [0, 110], "p1": [110, 110]}
+    vecs2 = vecs.copy()
+    for j, i in enumerate((10, 11, 150)):
+        vecs2[i] = real["revised"][j]
+    shards2 = _shards(ids, vecs2)
+    q = v1.quantizer()
+    fresh = S.encode_pass(shards2, {"rq_kmeans": q})
+    carried = S.encode_pass(shards2, {"rq_kmeans": q}, carried=S._carried_codes(v1, v1.table(), 3))
+    a, b = fresh.per_q["rq_kmeans"], carried.per_q["rq_kmeans"]
+    assert (a["n_carried"], b["n_carried"]) == (0, N_BASE - 3)
+    for key in ("codes", "cos", "sqerr"):
+        assert a[key].tobytes() == b[key].tobytes(), key
+    assert np.array_equal(a["level_sqerr_sum"], b["level_sqerr_sum"])
+
+    res = S.build_semantic_ids(root, shards2, CFG)
+    assert res.action == "updated" and res.report["changes"]["n_codes_carried"] == N_BASE - 3
+    assert res.manifest["input_rows"] == {"p0": [0, 110], "p1": [110, 110]}
+    # a version without input_rows (written before they were recorded): nothing carried, every row searched
+    v2 = S.load_version(root)
+    old = S.SidVersion(v2.root, v2.name, {k: v for k, v in v2.manifest.items() if k != "input_rows"})
+    assert S._carried_codes(old, v2.table(), 3) is None
