@@ -65,10 +65,10 @@ def test_a_pickle_that_calls_anything_else_is_refused(tmp_path):
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
         for info in src.infolist():
-            body = pickle.dumps({"item_id": _Evil(), "embeddings": None}) if info.filename.endswith("data.pkl") \
+            body = pickle.dumps({"item_id": _Evil(), "embeddings": None}, protocol=2) if info.filename.endswith("data.pkl") \
                 else src.read(info)
             z.writestr(info.filename, body)
-    with pytest.raises(NotASimpleShard, match="builtins.print"):
+    with pytest.raises(NotASimpleShard, match=r"builtin__?\.print"):
         read_shard_pt(out.getvalue())
     # and torch's loader, which the caller falls back to, refuses it too
     with pytest.raises(pickle.UnpicklingError):
