@@ -563,10 +563,14 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
                       f"(limit {cfg.drift_ratio}); retrained")
     if _too_many(removed, added, manifests):
         n_changed = len(set(removed) | {m.partition for m in added})
-        return _refill_ivf(layout, index, manifests, trained, drift, cfg.drift_ratio,
+        return _refill_ivf(layout, index, ids, ranges, manifests, trained, drift, cfg.drift_ratio,
                            f"{n_changed} of {len(manifests)} partitions changed (more than "
                            f"{IN_PLACE_MAX_CHANGED:.0%})"), ""
     drop = _drop_mask(len(ids), ranges, removed)
+    n_added = sum(int(m.n_rows) for m in added)
+    if ids.arrow.null_count + int(drop.sum()) > MAX_HOLES * (len(ids) + n_added):
+        return _refill_ivf(layout, index, ids, ranges, manifests, trained, drift, cfg.drift_ratio,
+                           f"removed positions past {MAX_HOLES:.0%} of the id map (compacted)"), ""
     if drop.any():
         gone = np.ascontiguousarray(np.flatnonzero(drop).astype(np.int64))
         index.remove_ids(faiss.IDSelectorArray(len(gone), faiss.swig_ptr(gone)))  # what a hashtable map accepts
@@ -574,28 +578,94 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
     new_ranges = {k: r for k, r in ranges.items() if k not in removed}
     _add_shards(index, layout, added, len(ids), parts, new_ranges, with_ids=True)
     ids = ItemIds.concat(parts)
-    if ids.arrow.null_count > MAX_HOLES * len(ids):
-        return _refill_ivf(layout, index, manifests, trained, drift, cfg.drift_ratio,
-                           f"removed positions past {MAX_HOLES:.0%} of the id map (compacted)"), ""
     how = {"mode": "in_place", "n_partitions_added": len(added), "n_partitions_removed": len(removed),
            "n_vectors_added": sum(m.n_rows for m in added), "n_vectors_removed": int(drop.sum()),
            "drift_ratio": float(drift)}
     return (index, ids, new_ranges, trained, how), ""
 
 
-def _refill_ivf(layout: Layout, index, manifests, trained: dict, drift: float, limit: float, why: str):
+def _list_of_labels(ivf, n: int) -> np.ndarray:
+    """The inverted list each stored label sits in (-1: none), read from the lists themselves."""
+    import faiss
+
+    out = np.full(n, -1, dtype=np.int64)
+    for lst in range(ivf.nlist):
+        size = ivf.invlists.list_size(lst)
+        if size:
+            out[faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), size)] = lst
+    return out
+
+
+def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifests) -> dict[str, np.ndarray]:
+    """Per partition still in `ranges`: for each row of its current shard, the inverted list its unchanged vector
+    already sits in (same item id in the same partition, and the stored vector equal to the shard's, compared
+    exactly: IVF-Flat stores the fp32 of the fp16 values), else -1. One shard in memory at a time."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from embed_assets.core.shards import load_verified
+
+    list_of = _list_of_labels(ivf, len(old_ids))
+    out: dict[str, np.ndarray] = {}
+    for m in manifests:
+        if m.partition not in ranges:
+            continue
+        start, count = ranges[m.partition]
+        shard_ids, emb = load_verified(layout, m)
+        idx = pc.index_in(pa.array(shard_ids, pa.string()), value_set=old_ids.arrow.slice(start, count))
+        idx = idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        rows = np.flatnonzero(idx >= 0)
+        labels = start + idx[rows]
+        assign = np.full(len(shard_ids), -1, dtype=np.int64)
+        for c in range(0, len(rows), 32_768):  # bounded: 2 x 50 MB of fp32 at a time
+            r, lab = rows[c:c + 32_768], labels[c:c + 32_768]
+            same = (ivf.reconstruct_batch(lab) == emb[r].astype(np.float32)).all(axis=1)
+            assign[r[same]] = list_of[lab[same]]
+        out[m.partition] = assign
+        del emb, shard_ids
+    return out
+
+
+def _refill_ivf(layout: Layout, index, old_ids: ItemIds, ranges: dict, manifests, trained: dict, drift: float,
+                limit: float, why: str):
     """Empty the trained IVF index and add every shard again: a rebuild without k-means (the drift test passed, so
-    the centroids and the codec still fit). Costs one assignment pass over the catalog instead of training plus
-    that pass; `trained` stays the original training's record, the drift baseline of later updates."""
+    the centroids and the codec still fit); `trained` stays the original training's record, the drift baseline of
+    later updates. On IVF-Flat an unchanged vector goes back into the list it was in (`_carried_lists`), so only
+    new and changed vectors are assigned to a centroid: the catalog-sized assignment pass is what a refill saves
+    besides k-means. What the lists hold is what a plain refill would put there (test: core/test_index_tune.py)."""
+    import faiss
+
+    from embed_assets.core.shards import load_verified
+
+    carried = (_carried_lists(layout, index, old_ids, ranges, manifests)
+               if isinstance(index, faiss.IndexIVFFlat) and isinstance(ranges, dict) else {})
+    del old_ids
     index.reset()  # inverted lists and the direct map emptied; the coarse quantizer and the codec kept
     parts: list = []
-    ranges: dict = {}
-    _add_shards(index, layout, manifests, 0, parts, ranges, with_ids=True)
+    new_ranges: dict = {}
+    pos = n_carried = 0
+    for m in manifests:
+        shard_ids, emb = load_verified(layout, m)
+        x = np.ascontiguousarray(emb, dtype=np.float32)
+        labels = np.arange(pos, pos + len(x), dtype=np.int64)
+        assign = carried.get(m.partition)
+        if assign is None:
+            index.add_with_ids(x, labels)
+        else:
+            todo = assign < 0
+            n_carried += int((~todo).sum())
+            if todo.any():
+                assign[todo] = index.quantizer.assign(np.ascontiguousarray(x[todo]), 1)[:, 0]
+            index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(labels), faiss.swig_ptr(assign))
+        new_ranges[m.partition] = [pos, len(shard_ids)]
+        parts.append(ItemIds(shard_ids))
+        pos += len(shard_ids)
+        del emb, x, shard_ids
     ids = ItemIds.concat(parts)
     how = {"mode": "refill", "reason": f"{why}: trained centroids re-used (drift {drift:.2f} <= {limit})",
            "n_partitions_added": len(manifests), "n_partitions_removed": 0, "n_vectors_added": len(ids),
-           "n_vectors_removed": 0, "drift_ratio": float(drift)}
-    return index, ids, ranges, trained, how
+           "n_vectors_removed": 0, "drift_ratio": float(drift), "n_assignments_carried": n_carried}
+    return index, ids, new_ranges, trained, how
 
 
 def _update_in_place(layout: Layout, kind: str, version: dict, manifests, want: dict[str, str]):

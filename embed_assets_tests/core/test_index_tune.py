@@ -3,7 +3,7 @@ the drift test or the holes call for a retrain."""
 
 import numpy as np
 
-from embed_assets.core.index import build_from_shards, exact_search, load_index
+from embed_assets.core.index import _list_of_labels, build_from_shards, exact_search, load_index
 from embed_assets.core.index_tune import TuneConfig, choose_structure, held_out_queries, measure, n_lists
 from embed_assets.core.items import load_partitions
 from embed_assets.core.layout import Layout
@@ -86,9 +86,14 @@ def test_ivf_refill_reuses_the_trained_centroids_when_most_partitions_changed(tm
     how = second["update"]
     assert how["mode"] == "refill" and "partitions changed" in how["reason"], how
     assert how["drift_ratio"] <= cfg.drift_ratio and second["trained"] == first["trained"]  # not retrained
+    # the 419 unchanged vectors went back into their lists without a centroid search; the 60 edited ones were assigned
+    assert how["n_assignments_carried"] == len(docs) - 60, how
     index, ids, manifest = load_index(layout)
     ivf = faiss.extract_index_ivf(index)
     assert np.array_equal(ivf.quantizer.reconstruct_n(0, ivf.nlist), centroids)
+    # every vector sits in the list a fresh assignment gives it: what a refill without carried lists makes
+    fresh = ivf.quantizer.assign(ivf.reconstruct_n(0, len(ids)), 1)[:, 0]
+    assert np.array_equal(_list_of_labels(ivf, len(ids)), fresh)
     assert ids.arrow.null_count == 0 and sorted(ids) == sorted(d["_id"] for d in docs) and gone not in set(ids)
     assert index.ntotal == len(docs) and second["tuning"]["met"]
     q, _ = queries()

@@ -24,7 +24,8 @@ def faiss_index(context: dg.AssetExecutionContext, home: HomeResource, retrieval
     """A FAISS inner-product index over every current, checked shard, with its id map. `auto` (default): exact
     (flat) up to 250,000 items; above, IVF trained on a sample, its nprobe raised on held-out queries until ANN
     recall@10 meets min_ann_recall_at_10; choice, params, recall, QPS and the curve are recorded. Updated in place
-    when few partitions changed (an IVF retrains only when the drift test says so). Each build is a new version;
+    when few partitions changed; an IVF whose partitions mostly changed is refilled with its trained centroids, and
+    retrains only when the drift test says so. Each build is a new version;
     `current` moves only after the recall check and the shadow comparison pass. At 10M items a flat index is
     14,648 MB (benchmarks/results/scale_1m_10m.txt); IVF-Flat keeps the bytes and scans nprobe of its lists."""
     layout = home.layout
