@@ -532,10 +532,12 @@ def _drop_mask(n: int, ranges: dict, removed: list[str]) -> np.ndarray:
 def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[str, str],
                          structure: dict[str, Any], cfg):
     """Remove changed partitions' labels from the current IVF index and add the new shards at fresh positions, when
-    the trained structure still fits: the new and changed vectors' mean squared distance to their centroids is
-    within `cfg.drift_ratio` of the training sample's (`_drift`). Returns (index, ids, ranges, trained, how) or
-    (None, why)."""
+    the trained structure still fits: the new vectors' mean squared distance to their centroids is within
+    `cfg.drift_ratio` of the training sample's. Returns (index, ids, ranges, trained, how) or (None, why)."""
     import faiss
+
+    from embed_assets.core.index_tune import centroid_distance
+    from embed_assets.core.shards import load_verified
 
     try:
         index, ids, old = load_index(layout)
@@ -551,9 +553,11 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
     if not removed and not added:
         return (index, ids, ranges, trained, {"mode": "unchanged", "n_partitions_added": 0, "n_partitions_removed": 0,
                                               "n_vectors_added": 0, "n_vectors_removed": 0}), ""
-    # IVF-Flat: which rows of the changed shards the index already holds unchanged (and in which list)
-    carried = _carried_lists(layout, index, ids, ranges, added) if isinstance(index, faiss.IndexIVFFlat) else {}
-    drift = _drift(layout, index, added, carried, trained)
+    # the drift test, on the new vectors only (a bounded sample of them)
+    fresh = [load_verified(layout, m)[1][:20_000].astype(np.float32) for m in added[:8]]
+    drift = (centroid_distance(index, np.concatenate(fresh)) / trained["train_centroid_distance"]
+             if fresh and trained.get("train_centroid_distance") else 1.0)
+    del fresh
     if drift > cfg.drift_ratio:
         return None, (f"drift: new vectors sit {drift:.2f}x farther from their centroids than the training sample "
                       f"(limit {cfg.drift_ratio}); retrained")
@@ -561,12 +565,12 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
         n_changed = len(set(removed) | {m.partition for m in added})
         return _refill_ivf(layout, index, ids, ranges, manifests, trained, drift, cfg.drift_ratio,
                            f"{n_changed} of {len(manifests)} partitions changed (more than "
-                           f"{IN_PLACE_MAX_CHANGED:.0%})", carried), ""
+                           f"{IN_PLACE_MAX_CHANGED:.0%})"), ""
     drop = _drop_mask(len(ids), ranges, removed)
     n_added = sum(int(m.n_rows) for m in added)
     if ids.arrow.null_count + int(drop.sum()) > MAX_HOLES * (len(ids) + n_added):
         return _refill_ivf(layout, index, ids, ranges, manifests, trained, drift, cfg.drift_ratio,
-                           f"removed positions past {MAX_HOLES:.0%} of the id map (compacted)", carried), ""
+                           f"removed positions past {MAX_HOLES:.0%} of the id map (compacted)"), ""
     if drop.any():
         gone = np.ascontiguousarray(np.flatnonzero(drop).astype(np.int64))
         index.remove_ids(faiss.IDSelectorArray(len(gone), faiss.swig_ptr(gone)))  # what a hashtable map accepts
@@ -578,32 +582,6 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
            "n_vectors_added": sum(m.n_rows for m in added), "n_vectors_removed": int(drop.sum()),
            "drift_ratio": float(drift)}
     return (index, ids, new_ranges, trained, how), ""
-
-
-DRIFT_SAMPLE = 160_000  # new or changed vectors the drift test measures at most (8 shards x 20,000 before)
-
-
-def _drift(layout: Layout, index, added, carried: dict[str, np.ndarray], trained: dict) -> float:
-    """The drift test's ratio: the mean squared distance of new and changed vectors to their nearest centroid, over
-    the training sample's. Only vectors the index does not already hold unchanged count (`carried`): a change spread
-    thin over many partitions is measured on what changed, not diluted by the unchanged rows around it. Bounded:
-    at most DRIFT_SAMPLE vectors, one shard in memory at a time. 1.0 when nothing is new."""
-    from embed_assets.core.index_tune import centroid_distance
-    from embed_assets.core.shards import load_verified
-
-    base = trained.get("train_centroid_distance")
-    fresh: list[np.ndarray] = []
-    n = 0
-    for m in added:
-        if n >= DRIFT_SAMPLE or not base:
-            break
-        emb = load_verified(layout, m)[1]
-        a = carried.get(m.partition)
-        rows = emb if a is None else emb[a < 0]
-        fresh.append(rows[:DRIFT_SAMPLE - n].astype(np.float32))
-        n += len(fresh[-1])
-        del emb, rows
-    return float(centroid_distance(index, np.concatenate(fresh)) / base) if n else 1.0
 
 
 def _list_of_labels(ivf, n: int) -> np.ndarray:
@@ -649,7 +627,7 @@ def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifest
 
 
 def _refill_ivf(layout: Layout, index, old_ids: ItemIds, ranges: dict, manifests, trained: dict, drift: float,
-                limit: float, why: str, carried: dict[str, np.ndarray] | None = None):
+                limit: float, why: str):
     """Empty the trained IVF index and add every shard again: a rebuild without k-means (the drift test passed, so
     the centroids and the codec still fit); `trained` stays the original training's record, the drift baseline of
     later updates. On IVF-Flat an unchanged vector goes back into the list it was in (`_carried_lists`), so only
@@ -659,10 +637,8 @@ def _refill_ivf(layout: Layout, index, old_ids: ItemIds, ranges: dict, manifests
 
     from embed_assets.core.shards import load_verified
 
-    carried = dict(carried or {})  # the changed shards' rows, from the drift test; the other shards' now
-    if isinstance(index, faiss.IndexIVFFlat) and isinstance(ranges, dict):
-        carried.update(_carried_lists(layout, index, old_ids, ranges, [m for m in manifests if m.partition not in
-                                                                       carried]))
+    carried = (_carried_lists(layout, index, old_ids, ranges, manifests)
+               if isinstance(index, faiss.IndexIVFFlat) and isinstance(ranges, dict) else {})
     del old_ids
     index.reset()  # inverted lists and the direct map emptied; the coarse quantizer and the codec kept
     parts: list = []
