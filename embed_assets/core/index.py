@@ -468,16 +468,28 @@ def faiss_view(index, n: int) -> np.ndarray:
     return faiss.rev_swig_ptr(index.codes.data(), n * index.d * 4).view(np.float32).reshape(n, index.d)
 
 
-def _add_shards(index, layout: Layout, manifests, start: int, ids: list, ranges: dict, with_ids: bool) -> int:
-    """Add each shard's vectors (labels = positions from `start` when `with_ids`); returns the next position."""
+def _add_shards(index, layout: Layout, manifests, start: int, ids: list, ranges: dict, with_ids: bool,
+                assigned: dict[str, np.ndarray] | None = None) -> int:
+    """Add each shard's vectors (labels = positions from `start` when `with_ids`); returns the next position.
+    `assigned` (IVF, with ids): per partition, each row's inverted list where already known, else -1; those rows
+    skip the centroid search (the others are searched, and the array is filled in)."""
+    import faiss
+
     from embed_assets.core.shards import load_verified
 
     pos = start
     for m in manifests:
         shard_ids, emb = load_verified(layout, m)
         x = np.ascontiguousarray(emb, dtype=np.float32)
-        if with_ids:
-            index.add_with_ids(x, np.arange(pos, pos + len(x), dtype=np.int64))
+        labels = np.arange(pos, pos + len(x), dtype=np.int64)
+        assign = (assigned or {}).get(m.partition)
+        if assign is not None:
+            todo = assign < 0
+            if todo.any():
+                assign[todo] = index.quantizer.assign(np.ascontiguousarray(x[todo]), 1)[:, 0]
+            index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(labels), faiss.swig_ptr(assign))
+        elif with_ids:
+            index.add_with_ids(x, labels)
         else:
             index.add(x)
         ranges[m.partition] = [pos, len(shard_ids)]
@@ -635,32 +647,14 @@ def _refill_ivf(layout: Layout, index, old_ids: ItemIds, ranges: dict, manifests
     besides k-means. What the lists hold is what a plain refill would put there (test: core/test_index_tune.py)."""
     import faiss
 
-    from embed_assets.core.shards import load_verified
-
     carried = (_carried_lists(layout, index, old_ids, ranges, manifests)
                if isinstance(index, faiss.IndexIVFFlat) and isinstance(ranges, dict) else {})
     del old_ids
+    n_carried = sum(int((a >= 0).sum()) for a in carried.values())  # counted before the adds fill the rest in
     index.reset()  # inverted lists and the direct map emptied; the coarse quantizer and the codec kept
     parts: list = []
     new_ranges: dict = {}
-    pos = n_carried = 0
-    for m in manifests:
-        shard_ids, emb = load_verified(layout, m)
-        x = np.ascontiguousarray(emb, dtype=np.float32)
-        labels = np.arange(pos, pos + len(x), dtype=np.int64)
-        assign = carried.get(m.partition)
-        if assign is None:
-            index.add_with_ids(x, labels)
-        else:
-            todo = assign < 0
-            n_carried += int((~todo).sum())
-            if todo.any():
-                assign[todo] = index.quantizer.assign(np.ascontiguousarray(x[todo]), 1)[:, 0]
-            index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(labels), faiss.swig_ptr(assign))
-        new_ranges[m.partition] = [pos, len(shard_ids)]
-        parts.append(ItemIds(shard_ids))
-        pos += len(shard_ids)
-        del emb, x, shard_ids
+    _add_shards(index, layout, manifests, 0, parts, new_ranges, with_ids=True, assigned=carried)
     ids = ItemIds.concat(parts)
     how = {"mode": "refill", "reason": f"{why}: trained centroids re-used (drift {drift:.2f} <= {limit})",
            "n_partitions_added": len(manifests), "n_partitions_removed": 0, "n_vectors_added": len(ids),
