@@ -176,9 +176,16 @@ def recommendations(report: dict[str, Any]) -> list[str]:
                     " the first level does not capture similarity; check the embeddings before training.")
     ch = report.get("changes") or {}
     drift = ch.get("drift") or {}
-    if drift.get("ratio") is not None and not drift.get("retrained") and drift["ratio"] > 1.1:
-        recs.append(f"New items reconstruct {drift['ratio']:.2f}x worse than the training catalog (retrain threshold "
-                    f"{drift['threshold']:.2f}x): schedule a retrain (a new ID version) if it keeps growing.")
+    if drift.get("ratio") is not None and not drift.get("retrained"):
+        fresh = drift.get("fresh_ratio")
+        if fresh is not None and fresh > max(drift["threshold"], 1.25):
+            recs.append(f"The {drift.get('n_new_or_changed', 0):,} new or changed items reconstruct {fresh:.2f}x worse "
+                        f"than the training catalog (the whole catalog: {drift['ratio']:.3f}x, retrain above "
+                        f"{drift['threshold']:.2f}x). Their IDs are valid but coarser; if items like them will keep "
+                        "coming, retrain (launch semantic_ids with retrain: true; every ID changes).")
+        elif drift["ratio"] > 1 + (drift["threshold"] - 1) / 2:
+            recs.append(f"The catalog reconstructs {drift['ratio']:.3f}x worse than at training (retrain threshold "
+                        f"{drift['threshold']:.2f}x): a retrain (a new ID version) comes once it passes the threshold.")
     if n and not recs:
         used = "all" if utils and min(utils) >= 1 else f"at least {min(utils) if utils else 0:.0%} of"
         recs.append(f"Ready: {n:,} items have unique {levels + 1}-token IDs, every level uses {used} its codes, "

@@ -16,7 +16,7 @@ class SemanticIdSettings(dg.ConfigurableResource):
     train_sample: int = 65_536
     seed: int = 0
     small_catalog: str = "shrink"  # shrink: a smaller K, recorded; error: stop and say what to set
-    drift_threshold: float = 1.25
+    drift_threshold: float = 1.25  # the catalog's reconstruction error over its error at training (drift_test)
     min_utilization: float = 0.8
     utilization_blocks: bool = False  # True: the utilization check fails the run (ERROR) instead of warning
     neighbour_queries: int = 500

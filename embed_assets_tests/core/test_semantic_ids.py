@@ -4,6 +4,7 @@ Small codebooks (3 levels x 16 codes) keep every test to seconds."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -198,20 +199,47 @@ def test_drift_of_new_items_triggers_a_retrain(tmp_path):
     x = _clustered(800)
     ids = [f"i{i}" for i in range(800)]
     cfg = S.SidConfig(levels=2, codebook_size=16, min_points_per_centroid=8, neighbour_queries=0,
-                      drift_min_items=50, drift_threshold=1.25)
+                      drift_min_items=50)
+    assert cfg.drift_threshold == 1.25  # the default: the catalog's error at training, plus 25%
     S.build_semantic_ids(root, _shards(ids, x), cfg)
-    # 80 items unlike anything seen in training (another set of clusters)
+    # 80 items unlike anything seen in training (another set of clusters): 9% of the catalog, far off
     novel = _clustered(80, seed=99)
     res = S.build_semantic_ids(root, _shards(ids + [f"n{i}" for i in range(80)], np.concatenate([x, novel])), cfg)
     assert (res.action, res.reason) == ("retrained", "drift")
     d = res.report["changes"]["drift"]
-    assert d["retrained"] and d["ratio"] > 1.25 and d["n_new_or_changed"] == 80
+    assert d["retrained"] and d["ratio"] > 1.25 and d["n_new_or_changed"] == 80 and d["fresh_ratio"] > d["ratio"]
     assert S.load_version(root).id_map().num_rows == 880
     # a few new items of the known kind: no retrain
     more = _clustered(10, seed=0)[:10]
     res2 = S.build_semantic_ids(root, _shards(ids + [f"n{i}" for i in range(80)] + [f"m{i}" for i in range(10)],
                                               np.concatenate([x, novel, more])), cfg)
     assert res2.action == "updated"
+
+
+def test_drift_is_the_whole_catalogs_and_accumulates_over_refreshes(tmp_path):
+    # One small batch of unusual items does not change every ID; the same items arriving over several refreshes
+    # do, once the catalog as a whole fits the codebooks 25% worse than at training.
+    root = tmp_path / "semantic_ids"
+    x, novel = _clustered(800), _clustered(15, seed=99)
+    ids = [f"i{i}" for i in range(800)]
+    cfg = S.SidConfig(levels=2, codebook_size=16, min_points_per_centroid=8, neighbour_queries=0)
+    S.build_semantic_ids(root, _shards(ids, x), cfg)
+    seen, ratios, actions = [], [], []
+    for step, min_items in enumerate((5, 6, 5)):  # the second refresh: fewer new items than drift_min_items
+        seen += [f"n{step}_{j}" for j in range(5)]
+        res = S.build_semantic_ids(root, _shards(ids + seen, np.concatenate([x, novel[:len(seen)]])),
+                                   dataclasses.replace(cfg, drift_min_items=min_items))
+        d = res.report["changes"]["drift"]
+        assert d["n_new_or_changed"] == 5 and d["fresh_ratio"] > 5  # each batch: 5 items, far off
+        ratios.append(d["ratio"])
+        actions.append((res.action, res.reason, d["retrained"]))
+        if res.action == "updated":
+            assert any("new or changed items reconstruct" in r for r in res.report["recommendations"])
+    # 1st: 0.6% of the catalog, far off, but the catalog as a whole is under 1.25x: IDs kept
+    # 2nd: the catalog is past 1.25x, but only 5 items changed (under drift_min_items=6): IDs kept, it waits
+    # 3rd: past 1.25x with enough new items: retrained
+    assert ratios[0] < 1.25 < ratios[1] < ratios[2]
+    assert actions == [("updated", "", False), ("updated", "", False), ("retrained", "drift", True)]
 
 
 def test_small_catalog_gets_a_smaller_codebook_or_a_clear_error(tmp_path):
