@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from embed_assets.core.metrics import ann_recall_at_k
+from embed_assets.core.metrics import CURVE_KS, ann_recall_at_k
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,16 @@ def measure(index, queries: np.ndarray, gt: tuple[np.ndarray, np.ndarray], k: in
         ids = label_of(ids)
     gt_scores, gt_ids = gt
     return {"recall": ann_recall_at_k(ids, scores, gt_ids, gt_scores, k), "qps": len(q) / max(best, 1e-9)}
+
+
+def recall_curve(index, queries: np.ndarray, gt: tuple[np.ndarray, np.ndarray], ks: Sequence[int] = CURVE_KS,
+                 label_of: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
+    """ANN recall@k against `gt` (exact top-max(ks)) at the index's current setting, for each k: one search per k (an
+    HNSW search widens with k, so recall@10 comes from what a top-10 query gets). Measured once per index version,
+    when it is built, on the tuning's held-out queries; the report reads it from the manifest (`tuning.recall_at_k`)
+    instead of a second exact pass over the catalog. Cost: len(ks) batched searches of the tuning queries."""
+    return {"k": [int(k) for k in ks],
+            "ann": [measure(index, queries, gt, int(k), label_of, repeats=1)["recall"] for k in ks]}
 
 
 def tune(index, queries: np.ndarray, gt: tuple[np.ndarray, np.ndarray], cfg: TuneConfig,

@@ -50,6 +50,10 @@ def evaluate_run(run: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[s
     }
 
 
+# The recall@k curve's k values (the report's `recall_at_k`, its chart, and the index's measured curve).
+CURVE_KS: tuple[int, ...] = (1, 5, 10, 20, 50, 100)
+
+
 def ann_recall_at_k(ann_ids: np.ndarray, ann_scores: np.ndarray, exact_ids: np.ndarray, exact_scores: np.ndarray,
                     k: int = 10, eps: float = 1e-5) -> float:
     """Mean share of exact search's top-k that the index found. Tie-aware: a returned item scoring at least the
