@@ -341,15 +341,29 @@ def read_index_manifest(layout: Layout, name: str | None = None) -> dict[str, An
 
 def _read_checked(path, sha256: str, index_manifest, read):
     """`read(fh)` on a file whose sha256 matched, from the same open file (a rebuild that replaces the file in
-    between cannot slip another one in), streamed: no copy of the bytes is held beside what `read` builds."""
+    between cannot slip another one in), streamed: no copy of the bytes is held beside what `read` builds. The hash
+    is skipped when this very file (same size, mtime, ctime, inode, from the open descriptor) was hashed to this
+    digest before (`shards.remembered_sha256`): versions are written once and never edited, so loading the live
+    index again (the shadow comparison, the report) costs a read, not a read and a 15 GB hash at 10M items."""
     import hashlib
 
+    from embed_assets.core.shards import remember_sha256, remembered_sha256, stat_key
+
+    name = str(path)
     try:
-        with open(path, "rb") as fh:
+        with open(name, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if remembered_sha256(name, stat_key(st)) == sha256:
+                out = read(fh)
+                if stat_key(os.fstat(fh.fileno())) == stat_key(st):
+                    return out
+                fh.seek(0)
+                del out
             h = hashlib.sha256()
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 h.update(chunk)
             if h.hexdigest() == sha256:
+                remember_sha256(name, st, stat_key(os.fstat(fh.fileno())), sha256)
                 fh.seek(0)
                 return read(fh)
     except FileNotFoundError:

@@ -423,7 +423,7 @@ _DISK: dict[str, tuple[int, dict[str, list]]] = {}
 _RACY_S = 2.0
 
 
-def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+def stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
@@ -456,6 +456,29 @@ def _remember_on_disk(path: str, key: tuple[int, int, int, int], digest: str) ->
         pass  # a read-only folder: the memory layer still serves this process
 
 
+def remembered_sha256(path: str, key: tuple[int, int, int, int]) -> str | None:
+    """The digest remembered for this exact stat of `path` (this process, then the folder's cache file), or None."""
+    hit = _HASHES.get(path)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    folder, name = os.path.split(path)
+    disk = _disk_cache(folder).get(name)
+    if isinstance(disk, list) and len(disk) == 5 and tuple(disk[:4]) == key:
+        _HASHES[path] = (key, disk[4])
+        return disk[4]
+    return None
+
+
+def remember_sha256(path: str, st: os.stat_result, key_after: tuple[int, int, int, int], digest: str) -> None:
+    """Remember a digest taken between two stats of the file, unless it moved meanwhile or is racy-new."""
+    key = stat_key(st)
+    if key_after == key and time.time() - st.st_mtime > _RACY_S:
+        _HASHES[path] = (key, digest)
+        _remember_on_disk(path, key, digest)
+    else:
+        _HASHES.pop(path, None)
+
+
 def cached_sha256(path: str | os.PathLike, refresh: bool = False) -> str:
     """sha256 of a file, re-hashed only when its size, mtime, ctime or inode moved ("" when the file is missing).
 
@@ -465,26 +488,16 @@ def cached_sha256(path: str | os.PathLike, refresh: bool = False) -> str:
     path = str(path)
     try:
         st = os.stat(path)
-        key = _stat_key(st)
         if not refresh:
-            hit = _HASHES.get(path)
-            if hit is not None and hit[0] == key:
-                return hit[1]
-            folder, name = os.path.split(path)
-            disk = _disk_cache(folder).get(name)
-            if isinstance(disk, list) and len(disk) == 5 and tuple(disk[:4]) == key:
-                _HASHES[path] = (key, disk[4])
-                return disk[4]
+            hit = remembered_sha256(path, stat_key(st))
+            if hit is not None:
+                return hit
         digest = sha256_file(path)
         after = os.stat(path)
     except FileNotFoundError:
         _HASHES.pop(path, None)
         return ""
-    if _stat_key(after) == key and time.time() - st.st_mtime > _RACY_S:
-        _HASHES[path] = (key, digest)
-        _remember_on_disk(path, key, digest)
-    else:
-        _HASHES.pop(path, None)
+    remember_sha256(path, st, stat_key(after), digest)
     return digest
 
 
@@ -563,16 +576,31 @@ def current_shards(layout: Layout, row_groups: Sequence[dict[str, Any]], tol: fl
 
 
 def read_verified_bytes(path: Path, sha256: str, partition: str) -> bytes:
-    """Read a file once and check its bytes: what is parsed is exactly what was hashed (no race with a rewrite)."""
+    """Read a file once and check its bytes: what is parsed is exactly what was checked (no race with a rewrite).
+
+    The bytes are hashed unless this very file (same size, mtime, ctime and inode, the same before and after the read,
+    from the open descriptor) was hashed before to this digest (`cached_sha256`'s memory: this process, or the
+    folder's cache file). Shards are only ever replaced by rename, never edited in place, and an edit in place moves
+    ctime, which no user can set back; so a load costs a read, not a read and a hash, and a pipeline run that loads
+    each shard several times (norm check, re-use, index, semantic IDs) hashes it once. `embed-assets verify` re-hashes
+    everything (bit rot under an unchanged stat is its job)."""
     import hashlib
 
+    name = str(path)
     try:
-        data = path.read_bytes()
+        with open(name, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            data = fh.read()
+            key_after = stat_key(os.fstat(fh.fileno()))
     except FileNotFoundError:
         raise ShardError(f"shard {partition}: {path.name} is missing; re-materialize partition {partition}") from None
-    if hashlib.sha256(data).hexdigest() != sha256:
+    if key_after == stat_key(st) and remembered_sha256(name, key_after) == sha256:
+        return data
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
         raise ShardError(f"shard {partition}: {path.name} checksum mismatch (changed or corrupt); "
                          f"re-materialize partition {partition}")
+    remember_sha256(name, st, key_after, digest)
     return data
 
 

@@ -220,3 +220,65 @@ def test_clear_previous_spares_live_writers_and_the_indexed_generation(built):
     assert [shard_key_of(n) for n in previous()] == [keys[0]] * 3 + [keys[1]] * 3
     clear_previous(layout, {})
     assert previous() == []
+
+
+def _count_sha256(monkeypatch) -> list:
+    import hashlib
+
+    calls, real = [], hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _edit_in_place_keeping_mtime(path):
+    import os
+
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))  # same inode, same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back; ctime cannot be
+
+
+def test_a_shard_loaded_again_is_not_hashed_again_but_an_edit_in_place_is_caught(built, monkeypatch):
+    """A pipeline run loads each shard several times (norm check, re-use, index, semantic IDs): the bytes are hashed
+    the first time, and later loads of the very same file (size, mtime, ctime, inode) trust that digest. An edit in
+    place moves ctime even when mtime is put back, so it is hashed again and refused."""
+    import os
+    import time
+
+    layout, groups, _ = built
+    key = groups[0]["partition"]
+    m, pt = read_manifest(layout, key), layout.shard_pt(key)
+    aged = time.time() - 60  # files written in the last 2 s are always re-hashed (mtime granularity)
+    os.utime(pt, (aged, aged))
+    calls = _count_sha256(monkeypatch)
+    ids1, emb1 = load_verified(layout, m)
+    assert len(calls) == 1
+    ids2, emb2 = load_verified(layout, m)
+    assert len(calls) == 1 and ids2 == ids1 and np.array_equal(emb1, emb2)
+    _edit_in_place_keeping_mtime(pt)
+    with pytest.raises(ShardError, match="checksum mismatch"):
+        load_verified(layout, m)
+    assert len(calls) == 2
+
+
+def test_the_live_index_loaded_again_is_not_hashed_again_but_an_edit_in_place_is_caught(built, monkeypatch):
+    import os
+    import time
+
+    layout, groups, _ = built
+    build_from_shards(layout, groups)
+    f = layout.index_dir / layout.index_file.name
+    aged = time.time() - 60
+    for p in (f, layout.index_dir / layout.index_ids.name):
+        os.utime(p, (aged, aged))
+    calls = _count_sha256(monkeypatch)
+    a, _, _ = load_index(layout)
+    assert len(calls) == 2  # the index file and the ids file
+    b, _, _ = load_index(layout)
+    assert len(calls) == 2 and a.ntotal == b.ntotal == 120
+    _edit_in_place_keeping_mtime(f)
+    with pytest.raises(IndexBuildError, match="does not match"):
+        load_index(layout)
+    assert len(calls) == 3
