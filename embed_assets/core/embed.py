@@ -78,8 +78,9 @@ def _take(layout: Layout, m: ShardManifest, folder, wanted: set[str], found: dic
     except ShardError as e:
         say(f"not re-using shard {m.partition}: {e}")  # its items are encoded again instead
         return
-    for r in rows:
-        found.setdefault(hashes[r], emb[r].copy())  # a copy: never keep a whole shard alive for one row
+    block = emb[np.asarray(rows, dtype=np.int64)]  # one copy of the wanted rows: never the whole shard kept alive
+    for r, vec in zip(rows, block):
+        found.setdefault(hashes[r], vec)
 
 
 def previous_holding(layout: Layout, text_hashes: set[str]) -> list[str]:

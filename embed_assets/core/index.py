@@ -339,12 +339,13 @@ def read_index_manifest(layout: Layout, name: str | None = None) -> dict[str, An
         raise IndexBuildError(f"{path}: unreadable ({e}); re-materialize faiss_index") from e
 
 
-def _read_checked(path, sha256: str, index_manifest, read):
+def _read_checked(path, sha256: str, index_manifest, read, rehash: bool = False):
     """`read(fh)` on a file whose sha256 matched, from the same open file (a rebuild that replaces the file in
     between cannot slip another one in), streamed: no copy of the bytes is held beside what `read` builds. The hash
     is skipped when this very file (same size, mtime, ctime, inode, from the open descriptor) was hashed to this
     digest before (`shards.remembered_sha256`): versions are written once and never edited, so loading the live
-    index again (the shadow comparison, the report) costs a read, not a read and a 15 GB hash at 10M items."""
+    index again (the shadow comparison, the report) costs a read, not a read and a 15 GB hash at 10M items.
+    `rehash` always hashes (`embed-assets verify`: bit rot under an unchanged stat is its job)."""
     import hashlib
 
     from embed_assets.core.shards import remember_sha256, remembered_sha256, stat_key
@@ -353,7 +354,7 @@ def _read_checked(path, sha256: str, index_manifest, read):
     try:
         with open(name, "rb") as fh:
             st = os.fstat(fh.fileno())
-            if remembered_sha256(name, stat_key(st)) == sha256:
+            if not rehash and remembered_sha256(name, stat_key(st)) == sha256:
                 out = read(fh)
                 if stat_key(os.fstat(fh.fileno())) == stat_key(st):
                     return out
@@ -371,7 +372,7 @@ def _read_checked(path, sha256: str, index_manifest, read):
     raise IndexBuildError(f"{path}: missing or does not match {index_manifest.name}; re-materialize faiss_index")
 
 
-def load_index(layout: Layout, name: str | None = None):
+def load_index(layout: Layout, name: str | None = None, rehash: bool = False):
     """Index, ids (`ItemIds`) and manifest of the live version (or `name`), all read from one resolved folder, each
     file checked against the manifest and read from the handle that was hashed. Memory: the index and the ids, no
     serialized copy."""
@@ -382,9 +383,9 @@ def load_index(layout: Layout, name: str | None = None):
     manifest = read_index_manifest(layout, folder.name)
     mpath = folder / layout.index_manifest.name
     index = _read_checked(folder / layout.index_file.name, manifest["index_sha256"], mpath,
-                          lambda fh: faiss.read_index(faiss.PyCallbackIOReader(fh.read, 1 << 22)))
+                          lambda fh: faiss.read_index(faiss.PyCallbackIOReader(fh.read, 1 << 22)), rehash)
     ids = _read_checked(folder / layout.index_ids.name, manifest["ids_sha256"], mpath,
-                        lambda fh: ItemIds(pq.read_table(fh).column("item_id")))
+                        lambda fh: ItemIds(pq.read_table(fh).column("item_id")), rehash)
     tuned = manifest.get("tuning") or {}
     if tuned.get("param"):  # the search knob the tuning chose (also in the file; set again, explicitly)
         faiss.ParameterSpace().set_index_parameter(index, tuned["param"], tuned["value"])

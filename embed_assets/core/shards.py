@@ -281,6 +281,8 @@ def clear_previous(layout: Layout, indexed: dict[str, str] | None = None) -> int
                     n += 1
                 except FileNotFoundError:
                     pass
+    if not any(layout.previous_dir.glob("shard_*")):  # nothing left for its checksum cache to speak for
+        (layout.previous_dir / HASH_CACHE_NAME).unlink(missing_ok=True)
     return n
 
 

@@ -44,9 +44,10 @@ def _valid_partitions(layout: Layout) -> set[str] | None:
         return None
 
 
-def _inspect(layout: Layout, key: str, files: list[Path], valid: set[str] | None
+def _inspect(layout: Layout, key: str, files: list[Path], valid: set[str] | None, full: bool = True
              ) -> tuple[ShardManifest | None, list[str], list[Path], bool]:
-    """(manifest, problems with it, files no manifest vouches for, remove the whole shard?) for one partition."""
+    """(manifest, problems with it, files no manifest vouches for, remove the whole shard?) for one partition.
+    `full` hashes every file; otherwise a file whose stat is unchanged since it was hashed is not hashed again."""
     try:
         m = read_manifest(layout, key)
     except ShardError as e:
@@ -54,7 +55,7 @@ def _inspect(layout: Layout, key: str, files: list[Path], valid: set[str] | None
     if m is None:
         orphans = [f for f in files if f.exists() and not f.name.endswith(".manifest.json")]
         return None, [], orphans, False
-    bad = verify_files(layout, m, _full_hash)
+    bad = verify_files(layout, m, _full_hash if full else cached_sha256)
     if valid is not None and key not in valid:
         bad.append("partition no longer exists in processed_items")
     named = {m.shard_file, m.items_file, layout.shard_manifest(key).name}
@@ -63,7 +64,11 @@ def _inspect(layout: Layout, key: str, files: list[Path], valid: set[str] | None
 
 
 def verify(layout: Layout, repair: bool = False, check_index: bool = True,
-           catalog_timeout_s: float = 30.0) -> dict[str, Any]:
+           catalog_timeout_s: float = 30.0, full: bool = True) -> dict[str, Any]:
+    """What is wrong with HOME, and with `repair` what was fixed. `full` (what `embed-assets verify` runs) hashes every
+    shard file and the live index; `full=False` (the repair at the start of every `embed-assets run`) trusts a digest
+    remembered for an unchanged stat (`cached_sha256`), so it costs O(files changed since), not O(catalog bytes):
+    the leftovers of an interrupted run are new files or changed stats, and bit rot is the full check's job."""
     problems: list[str] = []
     fixed: list[str] = []
     notes: list[str] = []
@@ -109,7 +114,7 @@ def verify(layout: Layout, repair: bool = False, check_index: bool = True,
     valid = _valid_partitions(layout)
     trusted: dict[str, ShardManifest] = {}
     for key, files in sorted(by_key.items()):
-        m, bad, orphans, drop = _inspect(layout, key, files, valid)
+        m, bad, orphans, drop = _inspect(layout, key, files, valid, full)
         if not bad and not orphans:
             if m is not None:
                 trusted[key] = m
@@ -120,7 +125,7 @@ def verify(layout: Layout, repair: bool = False, check_index: bool = True,
                 live.append(key)
                 notes.append(f"shard {key} is being written right now; left to its writer")
                 continue
-            m, bad, orphans, drop = _inspect(layout, key, files, _valid_partitions(layout))
+            m, bad, orphans, drop = _inspect(layout, key, files, _valid_partitions(layout), full)
             if m is not None and not bad:
                 trusted[key] = m  # the writer finished in between: its shard is good
             msg = f"shard {key}: {'; '.join(bad)}"
@@ -169,7 +174,7 @@ def verify(layout: Layout, repair: bool = False, check_index: bool = True,
     index_ok = None
     if check_index and layout.index_manifest.exists():
         try:
-            _, ids, manifest = load_index(layout)
+            _, ids, manifest = load_index(layout, rehash=full)  # the full check hashes whatever is remembered
             shard_ids = {i for m in trusted.values() for i in load_verified(layout, m)[0]}
             index_ok = set(ids) == shard_ids and len(ids) == len(set(ids))
             if not index_ok:

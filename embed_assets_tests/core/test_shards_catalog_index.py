@@ -282,3 +282,34 @@ def test_the_live_index_loaded_again_is_not_hashed_again_but_an_edit_in_place_is
     with pytest.raises(IndexBuildError, match="does not match"):
         load_index(layout)
     assert len(calls) == 3
+
+
+def test_the_repair_a_run_starts_with_hashes_only_what_changed_and_verify_hashes_everything(built, monkeypatch):
+    """`embed-assets run` repairs leftovers first (`verify(full=False)`): an unchanged shard is not hashed again, so
+    the run's start costs O(change), not O(catalog bytes). A shard edited in place is still found and removed.
+    `embed-assets verify` (full) hashes every shard file whatever is remembered."""
+    import os
+    import time
+
+    from embed_assets.core import shards
+
+    layout, groups, _ = built
+    aged = time.time() - 60
+    files = sorted(layout.embeddings_dir.glob("shard_*.pt")) + sorted(layout.embeddings_dir.glob("shard_*.parquet"))
+    assert len(files) == 2 * len(groups)
+    for f in files:
+        os.utime(f, (aged, aged))
+        shards.cached_sha256(f)  # remembered, as a run's loads leave them
+    hashed: list[str] = []
+    real = shards.sha256_file
+    monkeypatch.setattr(shards, "sha256_file", lambda p, *a, **k: hashed.append(os.path.basename(p)) or real(p, *a, **k))
+    r = verify(layout, repair=True, check_index=False, full=False)
+    assert not r["problems"] and not r["fixed"] and hashed == []
+    r = verify(layout, repair=False, check_index=False)
+    assert not r["problems"] and sorted(hashed) == sorted(f.name for f in files)
+    # an edit in place (mtime put back) is a changed stat: the quick repair hashes it, finds it and removes it
+    hashed.clear()
+    _edit_in_place_keeping_mtime(layout.shard_pt(groups[1]["partition"]))
+    r = verify(layout, repair=True, check_index=False, full=False)
+    assert hashed == [layout.shard_pt(groups[1]["partition"]).name]
+    assert any(groups[1]["partition"] in line and "removed" in line for line in r["fixed"]), r["fixed"]
