@@ -37,8 +37,8 @@ Stability rules (codebooks are frozen once trained):
     item gets its old ID back when its codes match); retired digits are re-used only once a group runs out;
   - retraining happens on request (`retrain=True`), when the embedding version or the quantizer configuration
     changed, or when the whole catalog now reconstructs `drift_threshold` x worse than it did at training
-    (`drift_test`; the refresh must bring at least `drift_min_items` new or changed items). It writes a new version with an old -> new ID map; the report's `action`
-    and `reason` say which happened.
+    (`drift_test`; the refresh must bring at least `drift_min_items` new or changed items). It writes a new version
+    with an old -> new ID map; the report's `action` and `reason` say which happened.
 
 Small catalogs: k-means wants `min_points_per_centroid` (39, faiss's own rule) distinct training vectors per code;
 with fewer, `codebook_size` is lowered to the largest power of two that fits (recorded in the manifest and report as

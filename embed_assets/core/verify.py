@@ -174,7 +174,7 @@ def verify(layout: Layout, repair: bool = False, check_index: bool = True,
     index_ok = None
     if check_index and layout.index_manifest.exists():
         try:
-            _, ids, manifest = load_index(layout, rehash=full)  # the full check hashes whatever is remembered
+            _, ids, manifest = load_index(layout, rehash=full)  # the full check hashes it, remembered or not
             shard_ids = {i for m in trusted.values() for i in load_verified(layout, m)[0]}
             index_ok = set(ids) == shard_ids and len(ids) == len(set(ids))
             if not index_ok:

@@ -302,7 +302,8 @@ def test_the_repair_a_run_starts_with_hashes_only_what_changed_and_verify_hashes
         shards.cached_sha256(f)  # remembered, as a run's loads leave them
     hashed: list[str] = []
     real = shards.sha256_file
-    monkeypatch.setattr(shards, "sha256_file", lambda p, *a, **k: hashed.append(os.path.basename(p)) or real(p, *a, **k))
+    monkeypatch.setattr(shards, "sha256_file",
+                        lambda p, *a, **k: hashed.append(os.path.basename(p)) or real(p, *a, **k))
     r = verify(layout, repair=True, check_index=False, full=False)
     assert not r["problems"] and not r["fixed"] and hashed == []
     r = verify(layout, repair=False, check_index=False)
