@@ -187,8 +187,9 @@ class SidConfig:
     # (3 seeds): with the duplicates in, k-means gives the big duplicate groups codes of their own
     drift_threshold: float = 1.25  # retrain when the catalog's mean squared reconstruction error > this x the
     # catalog's at training (drift_test: accumulated over refreshes; new items' own ratio is reported, not decisive).
-    # Not lower: items like the training ones but not in its sample reconstruct ~1.15x worse (measured: 10,000 new
-    # items of the same clusters on a 600-item catalog, test_small_catalog_...), so growth alone must not retrain
+    # Not lower: items like the training ones but not in its sample reconstruct ~1.15x worse (10,000 new items of
+    # the same clusters on a 600-item catalog: 1.140x, benchmarks/scratch/sid_drift_ratios.py), so growth alone
+    # must not retrain (test_small_catalog_...)
     drift_min_items: int = 50  # ... and at least this many items are new or changed in the refresh
     neighbour_queries: int = 500  # items whose exact 10 nearest neighbours the report checks (0: skip); costs
     # 2 x 384 x N flops per query (at 10M items, 500 queries = 3.8 TFLOP, about a minute on 2 cores)
