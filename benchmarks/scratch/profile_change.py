@@ -4,7 +4,7 @@
 """
 import cProfile, json, pstats, shutil, sys, time
 from pathlib import Path
-src = Path("/tmp/embed_incr_wojx82ux")
+src = Path("/tmp/embed_incr_88ct0sd9")
 dst = Path(sys.argv[1]); tag = sys.argv[2]
 if dst.exists():
     shutil.rmtree(dst)
