@@ -16,14 +16,13 @@ from embed_assets.defs.items.schedules import refresh_schedule
 from embed_assets.defs.items.sensors import raw_items_sensor
 from embed_assets.defs.jobs import JOBS
 from embed_assets.defs.semantic_ids.assets import semantic_ids
-from embed_assets.defs.semantic_ids.checks import codebook_utilization, extra_digit_capacity, unique_semantic_ids
+from embed_assets.defs.semantic_ids.checks import semantic_id_checks
 from embed_assets.resources import (EncodeCompute, EncoderResource, EvalSettings, HomeResource, ItemSource,
                                     K8sEncodeConfig, QualityThresholds, SemanticIdSettings)
 from embed_assets.settings import Settings
 
 ASSETS = [processed_items, item_embeddings, embedding_norms, faiss_index, retrieval_report, semantic_ids]
-CHECKS = [shard_norm_check, all_norms_within_tolerance, retrieval_quality_check, unique_semantic_ids,
-          extra_digit_capacity, codebook_utilization]
+CHECKS = [shard_norm_check, all_norms_within_tolerance, retrieval_quality_check, semantic_id_checks]
 
 
 def build_resources(s: Settings) -> dict[str, dg.ConfigurableResource]:

@@ -5,6 +5,7 @@ change of 0.01% (loads the model, the precision verdict and the imports, as the 
     .venv/bin/python benchmarks/scratch/change_again.py /tmp/embed_incr_XXXX TAG [--json OUT]
 """
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,9 +36,18 @@ def change(fraction: float, label: str) -> int:
 change(0.0001, f"{tag}-warm")
 run_pipeline(s, log=lambda *_: None)
 n = change(0.01, tag)
+prof = None
+if os.environ.get("PROFILE"):  # PROFILE=out.prof: the measured run under cProfile (its overhead inflates the times)
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
 t0, c0 = time.perf_counter(), time.process_time()
 code, summ = run_pipeline(s, log=lambda *_: None)
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+if prof:
+    prof.disable()
+    prof.dump_stats(os.environ["PROFILE"])
 res = {"cpu": cpu_info()["model"], "changed_or_new": n, "wall_s": wall, "cpu_s": cpu, "ok": summ.get("ok"),
        "n_encoded": summ.get("n_encoded"), "steps": summ.get("steps")}
 print(f"cpu {res['cpu']}; 1% change ({n:,} rows edited or new): {wall:.1f} s wall, {cpu:.1f} s CPU, "

@@ -406,6 +406,7 @@ def in_place_memory_limit() -> int:
 
 
 MAX_HOLES = 0.25  # an IVF index whose removed positions pass this share of its id map is refilled (compacted)
+FRESH_SAMPLE_ROWS = 20_000  # per shard, at most: the new vectors the IVF drift test measures
 
 
 def stored_vectors(index, positions) -> np.ndarray:
@@ -580,19 +581,28 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
     if not removed and not added:
         return (index, ids, ranges, trained, {"mode": "unchanged", "n_partitions_added": 0, "n_partitions_removed": 0,
                                               "n_vectors_added": 0, "n_vectors_removed": 0}), ""
-    # the drift test, on the new vectors only (a bounded sample of them)
-    fresh = [load_verified(layout, m)[1][:20_000].astype(np.float32) for m in added[:8]]
+    refill = _too_many(removed, added, manifests)
+    carried: dict[str, np.ndarray] = {}
+    if refill and isinstance(index, faiss.IndexIVFFlat):
+        # One read of every shard finds the unchanged vectors (kept in their lists by the refill) and hands the drift
+        # test the others: the new and changed vectors themselves, not whole shards that are mostly unchanged.
+        carried, fresh = _carried_lists(layout, index, ids, ranges, manifests, fresh_rows=FRESH_SAMPLE_ROWS)
+        fresh += [load_verified(layout, m)[1][:FRESH_SAMPLE_ROWS].astype(np.float32)
+                  for m in added if m.partition not in ranges][:8]  # partitions new to the index (a split)
+    else:  # the drift test, on the new shards' vectors (a bounded sample of them)
+        fresh = [load_verified(layout, m)[1][:FRESH_SAMPLE_ROWS].astype(np.float32) for m in added[:8]]
+    fresh = [f for f in fresh if len(f)]
     drift = (centroid_distance(index, np.concatenate(fresh)) / trained["train_centroid_distance"]
              if fresh and trained.get("train_centroid_distance") else 1.0)
     del fresh
     if drift > cfg.drift_ratio:
         return None, (f"drift: new vectors sit {drift:.2f}x farther from their centroids than the training sample "
                       f"(limit {cfg.drift_ratio}); retrained")
-    if _too_many(removed, added, manifests):
+    if refill:
         n_changed = len(set(removed) | {m.partition for m in added})
         return _refill_ivf(layout, index, ids, ranges, manifests, trained, drift, cfg.drift_ratio,
                            f"{n_changed} of {len(manifests)} partitions changed (more than "
-                           f"{IN_PLACE_MAX_CHANGED:.0%})"), ""
+                           f"{IN_PLACE_MAX_CHANGED:.0%})", carried), ""
     drop = _drop_mask(len(ids), ranges, removed)
     n_added = sum(int(m.n_rows) for m in added)
     if ids.arrow.null_count + int(drop.sum()) > MAX_HOLES * (len(ids) + n_added):
@@ -623,10 +633,12 @@ def _list_of_labels(ivf, n: int) -> np.ndarray:
     return out
 
 
-def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifests) -> dict[str, np.ndarray]:
+def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifests, fresh_rows: int = 0
+                   ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """Per partition still in `ranges`: for each row of its current shard, the inverted list its unchanged vector
     already sits in (same item id in the same partition, and the stored vector equal to the shard's, compared
-    exactly: IVF-Flat stores the fp32 of the fp16 values), else -1. One shard in memory at a time."""
+    exactly: IVF-Flat stores the fp32 of the fp16 values), else -1. One shard in memory at a time. Also returns,
+    per shard, up to `fresh_rows` of the vectors not carried (new or changed: the drift test's sample), fp32."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -634,6 +646,7 @@ def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifest
 
     list_of = _list_of_labels(ivf, len(old_ids))
     out: dict[str, np.ndarray] = {}
+    fresh: list[np.ndarray] = []
     for m in manifests:
         if m.partition not in ranges:
             continue
@@ -649,12 +662,14 @@ def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifest
             same = (ivf.reconstruct_batch(lab) == emb[r].astype(np.float32)).all(axis=1)
             assign[r[same]] = list_of[lab[same]]
         out[m.partition] = assign
+        if fresh_rows:
+            fresh.append(emb[np.flatnonzero(assign < 0)[:fresh_rows]].astype(np.float32))
         del emb, shard_ids
-    return out
+    return out, fresh
 
 
 def _refill_ivf(layout: Layout, index, old_ids: ItemIds, ranges: dict, manifests, trained: dict, drift: float,
-                limit: float, why: str):
+                limit: float, why: str, carried: dict[str, np.ndarray] | None = None):
     """Empty the trained IVF index and add every shard again: a rebuild without k-means (the drift test passed, so
     the centroids and the codec still fit); `trained` stays the original training's record, the drift baseline of
     later updates. On IVF-Flat an unchanged vector goes back into the list it was in (`_carried_lists`), so only
@@ -662,8 +677,9 @@ def _refill_ivf(layout: Layout, index, old_ids: ItemIds, ranges: dict, manifests
     besides k-means. What the lists hold is what a plain refill would put there (test: core/test_index_tune.py)."""
     import faiss
 
-    carried = (_carried_lists(layout, index, old_ids, ranges, manifests)
-               if isinstance(index, faiss.IndexIVFFlat) and isinstance(ranges, dict) else {})
+    if carried is None:  # (`carried`: computed already, by the caller's drift test)
+        carried = (_carried_lists(layout, index, old_ids, ranges, manifests)[0]
+                   if isinstance(index, faiss.IndexIVFFlat) and isinstance(ranges, dict) else {})
     del old_ids
     n_carried = sum(int((a >= 0).sum()) for a in carried.values())  # counted before the adds fill the rest in
     index.reset()  # inverted lists and the direct map emptied; the coarse quantizer and the codec kept

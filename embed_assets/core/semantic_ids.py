@@ -618,20 +618,22 @@ def _carried_codes(prev: "SidVersion", table, levels: int):
 
 
 def _merge_knn(queries: np.ndarray, query_rows: np.ndarray, x: np.ndarray, first_row: int, best_s: np.ndarray,
-               best_i: np.ndarray, k: int, block: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k of `queries` over rows first_row.. of `x`, merged into (best_s, best_i)."""
-    for b0 in range(0, len(x), block):
-        xb = x[b0:b0 + block]
-        sims = queries @ xb.T  # q x m, float32
-        rows = np.arange(first_row + b0, first_row + b0 + len(xb))
-        sims[query_rows[:, None] == rows[None, :]] = -np.inf  # an item is not its own neighbour
-        kk = min(k, len(xb))
-        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
-        cat_s = np.hstack([best_s, np.take_along_axis(sims, part, 1)])
-        cat_i = np.hstack([best_i, rows[part]])
-        top = np.argsort(-cat_s, axis=1, kind="stable")[:, :k]
-        best_s, best_i = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
-    return best_s, best_i
+               best_i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of `queries` over rows first_row.. of `x`, merged into (best_s, best_i): faiss's
+    brute-force search (BLAS, a heap per query) for k + 1, then a query's own row is dropped (an item is not its own
+    neighbour)."""
+    import faiss
+
+    kk = min(k + 1, len(x))
+    if kk == 0:
+        return best_s, best_i
+    s, i = faiss.knn(queries, np.ascontiguousarray(x, dtype=np.float32), kk, metric=faiss.METRIC_INNER_PRODUCT)
+    rows = np.where(i >= 0, i + first_row, -1)
+    s[(rows == query_rows[:, None]) | (rows < 0)] = -np.inf
+    cat_s = np.hstack([best_s, s])
+    cat_i = np.hstack([best_i, rows])
+    top = np.argsort(-cat_s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
 
 
 def _check_unique_item_ids(ids) -> None:

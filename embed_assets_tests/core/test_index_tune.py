@@ -101,3 +101,27 @@ def test_ivf_refill_reuses_the_trained_centroids_when_most_partitions_changed(tm
     ivf.nprobe = ivf.nlist  # every list: exhaustive, so the exact search's answer
     _, labels = index.search(np.ascontiguousarray(q), 10)
     assert [set(r) for r in labels.tolist()] == [set(r) for r in gt.tolist()]
+
+
+def test_ivf_refill_judges_drift_on_the_changed_vectors_alone(tmp_path, encoder):
+    """The refill's drift test measures the new and changed vectors themselves (the rows the refill cannot carry),
+    not whole shards: one item in eight rewritten as off-topic text retrains, though the shards hold 7 unchanged
+    vectors for each changed one (diluted over whole shards, the ratio would stay under the limit)."""
+    import random
+
+    docs = sample_docs(480)
+    corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", docs)
+    layout = Layout.at(tmp_path / "home")
+    embed_catalog(layout, corpus, encoder, 30)  # 16 partitions
+    cfg = TuneConfig(flat_max_items=100, n_queries=60)
+    queries = lambda: held_out_queries(layout, encoder, 60)  # noqa: E731
+    build_from_shards(layout, load_partitions(layout), "auto", tune_config=cfg, queries=queries)
+    rng = random.Random(3)
+    words = ["banana", "guitar", "football", "recipe", "holiday", "sneakers", "lipstick", "mortgage", "puppy"]
+    for i in range(0, len(docs), 8):  # every partition holds some
+        docs[i] = {**docs[i], "title": " ".join(rng.choices(words, k=4)), "text": " ".join(rng.choices(words, k=30))}
+    write_jsonl(corpus, docs)
+    embed_catalog(layout, corpus, encoder, 30)
+    second = build_from_shards(layout, load_partitions(layout), "auto", tune_config=cfg, queries=queries)
+    how = second["update"]
+    assert how["mode"] == "rebuild" and how["reason"].startswith("drift"), how
