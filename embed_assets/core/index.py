@@ -406,7 +406,7 @@ def in_place_memory_limit() -> int:
 
 
 MAX_HOLES = 0.25  # an IVF index whose removed positions pass this share of its id map is refilled (compacted)
-FRESH_SAMPLE_ROWS = 20_000  # per shard, at most: the new vectors the IVF drift test measures
+FRESH_SAMPLE_ROWS = 20_000  # per changed shard, at most: the vectors the IVF drift test measures
 
 
 def stored_vectors(index, positions) -> np.ndarray:
@@ -583,14 +583,15 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
                                               "n_vectors_added": 0, "n_vectors_removed": 0}), ""
     refill = _too_many(removed, added, manifests)
     carried: dict[str, np.ndarray] = {}
+    drift_from = added[:8]  # the drift test, on the new shards' vectors (a bounded sample of them)
     if refill and isinstance(index, faiss.IndexIVFFlat):
-        # One read of every shard finds the unchanged vectors (kept in their lists by the refill) and hands the drift
-        # test the others: the new and changed vectors themselves, not whole shards that are mostly unchanged.
-        carried, fresh = _carried_lists(layout, index, ids, ranges, manifests, fresh_rows=FRESH_SAMPLE_ROWS)
+        # one read of each shard finds the unchanged vectors (kept in their lists by the refill) and takes the sample
+        carried, fresh = _carried_lists(layout, index, ids, ranges, manifests, FRESH_SAMPLE_ROWS,
+                                        {m.partition for m in drift_from})
         fresh += [load_verified(layout, m)[1][:FRESH_SAMPLE_ROWS].astype(np.float32)
-                  for m in added if m.partition not in ranges][:8]  # partitions new to the index (a split)
-    else:  # the drift test, on the new shards' vectors (a bounded sample of them)
-        fresh = [load_verified(layout, m)[1][:FRESH_SAMPLE_ROWS].astype(np.float32) for m in added[:8]]
+                  for m in drift_from if m.partition not in ranges]  # partitions new to the index (a split)
+    else:
+        fresh = [load_verified(layout, m)[1][:FRESH_SAMPLE_ROWS].astype(np.float32) for m in drift_from]
     fresh = [f for f in fresh if len(f)]
     drift = (centroid_distance(index, np.concatenate(fresh)) / trained["train_centroid_distance"]
              if fresh and trained.get("train_centroid_distance") else 1.0)
@@ -633,12 +634,12 @@ def _list_of_labels(ivf, n: int) -> np.ndarray:
     return out
 
 
-def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifests, fresh_rows: int = 0
-                   ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifests, sample_rows: int = 0,
+                   sample_from: set[str] = frozenset()) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """Per partition still in `ranges`: for each row of its current shard, the inverted list its unchanged vector
     already sits in (same item id in the same partition, and the stored vector equal to the shard's, compared
-    exactly: IVF-Flat stores the fp32 of the fp16 values), else -1. One shard in memory at a time. Also returns,
-    per shard, up to `fresh_rows` of the vectors not carried (new or changed: the drift test's sample), fp32."""
+    exactly: IVF-Flat stores the fp32 of the fp16 values), else -1. One shard in memory at a time. Also returns the
+    first `sample_rows` vectors of each shard of `sample_from` (fp32): the drift test's sample, from the same read."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -662,8 +663,8 @@ def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifest
             same = (ivf.reconstruct_batch(lab) == emb[r].astype(np.float32)).all(axis=1)
             assign[r[same]] = list_of[lab[same]]
         out[m.partition] = assign
-        if fresh_rows:
-            fresh.append(emb[np.flatnonzero(assign < 0)[:fresh_rows]].astype(np.float32))
+        if m.partition in sample_from:
+            fresh.append(emb[:sample_rows].astype(np.float32))
         del emb, shard_ids
     return out, fresh
 

@@ -103,12 +103,10 @@ def test_ivf_refill_reuses_the_trained_centroids_when_most_partitions_changed(tm
     assert [set(r) for r in labels.tolist()] == [set(r) for r in gt.tolist()]
 
 
-def test_ivf_refill_judges_drift_on_the_changed_vectors_alone(tmp_path, encoder):
-    """The refill's drift test measures the new and changed vectors themselves (the rows the refill cannot carry),
-    not whole shards: one item in eight rewritten as off-topic text retrains, though the shards hold 7 unchanged
-    vectors for each changed one (diluted over whole shards, the ratio would stay under the limit)."""
-    import random
-
+def test_ivf_refill_runs_the_drift_test_first(tmp_path, encoder):
+    """A change spread over every partition (the refill's case) still passes the drift test before the refill: the
+    sample comes from the same read of the shards that finds the carried vectors. Measured against the training
+    sample's distance, it retrains when the limit is below the measured ratio, and refills when it is not."""
     docs = sample_docs(480)
     corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", docs)
     layout = Layout.at(tmp_path / "home")
@@ -116,12 +114,18 @@ def test_ivf_refill_judges_drift_on_the_changed_vectors_alone(tmp_path, encoder)
     cfg = TuneConfig(flat_max_items=100, n_queries=60)
     queries = lambda: held_out_queries(layout, encoder, 60)  # noqa: E731
     build_from_shards(layout, load_partitions(layout), "auto", tune_config=cfg, queries=queries)
-    rng = random.Random(3)
-    words = ["banana", "guitar", "football", "recipe", "holiday", "sneakers", "lipstick", "mortgage", "puppy"]
     for i in range(0, len(docs), 8):  # every partition holds some
-        docs[i] = {**docs[i], "title": " ".join(rng.choices(words, k=4)), "text": " ".join(rng.choices(words, k=30))}
+        docs[i] = {**docs[i], "title": docs[i]["title"] + " (second edition)"}
     write_jsonl(corpus, docs)
     embed_catalog(layout, corpus, encoder, 30)
-    second = build_from_shards(layout, load_partitions(layout), "auto", tune_config=cfg, queries=queries)
-    how = second["update"]
-    assert how["mode"] == "rebuild" and how["reason"].startswith("drift"), how
+    strict = TuneConfig(flat_max_items=100, n_queries=60, drift_ratio=0.5)  # below any real ratio
+    second = build_from_shards(layout, load_partitions(layout), "auto", tune_config=strict, queries=queries)
+    assert second["update"]["mode"] == "rebuild" and second["update"]["reason"].startswith("drift"), second["update"]
+    for i in range(0, len(docs), 8):
+        docs[i] = {**docs[i], "title": docs[i]["title"] + " (third edition)"}
+    write_jsonl(corpus, docs)
+    embed_catalog(layout, corpus, encoder, 30)
+    third = build_from_shards(layout, load_partitions(layout), "auto", tune_config=cfg, queries=queries)
+    how = third["update"]
+    assert how["mode"] == "refill" and 0.5 < how["drift_ratio"] <= cfg.drift_ratio, how
+    assert how["n_assignments_carried"] == len(docs) - 60, how
