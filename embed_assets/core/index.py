@@ -485,10 +485,11 @@ def faiss_view(index, n: int) -> np.ndarray:
 
 
 def _add_shards(index, layout: Layout, manifests, start: int, ids: list, ranges: dict, with_ids: bool,
-                assigned: dict[str, np.ndarray] | None = None) -> int:
+                assigned: dict[str, np.ndarray] | None = None, exact=None) -> int:
     """Add each shard's vectors (labels = positions from `start` when `with_ids`); returns the next position.
     `assigned` (IVF, with ids): per partition, each row's inverted list where already known, else -1; those rows
-    skip the centroid search (the others are searched, and the array is filled in)."""
+    skip the centroid search (the others are searched, and the array is filled in). `exact` (metrics.ExactTopK) is
+    fed each shard's vectors with their positions: the tuning's ground truth from this same read."""
     import faiss
 
     from embed_assets.core.shards import load_verified
@@ -508,6 +509,8 @@ def _add_shards(index, layout: Layout, manifests, start: int, ids: list, ranges:
             index.add_with_ids(x, labels)
         else:
             index.add(x)
+        if exact is not None:
+            exact.add(labels, x)
         ranges[m.partition] = [pos, len(shard_ids)]
         ids.append(ItemIds(shard_ids))
         pos += len(shard_ids)
@@ -515,7 +518,7 @@ def _add_shards(index, layout: Layout, manifests, start: int, ids: list, ranges:
     return pos
 
 
-def _build_ivf(layout: Layout, manifests, structure: dict[str, Any], cfg):
+def _build_ivf(layout: Layout, manifests, structure: dict[str, Any], cfg, exact=None):
     """Train an IVF index on a bounded sample of the shards, then add every shard (labels = positions)."""
     import faiss
 
@@ -534,7 +537,7 @@ def _build_ivf(layout: Layout, manifests, structure: dict[str, Any], cfg):
     del sample
     parts: list = []
     ranges: dict = {}
-    _add_shards(index, layout, manifests, 0, parts, ranges, with_ids=True)
+    _add_shards(index, layout, manifests, 0, parts, ranges, with_ids=True, exact=exact)
     return index, ItemIds.concat(parts), ranges, trained
 
 
@@ -558,7 +561,7 @@ def _drop_mask(n: int, ranges: dict, removed: list[str]) -> np.ndarray:
 
 
 def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[str, str],
-                         structure: dict[str, Any], cfg):
+                         structure: dict[str, Any], cfg, exact=None):
     """Remove changed partitions' labels from the current IVF index and add the new shards at fresh positions, when
     the trained structure still fits: the new vectors' mean squared distance to their centroids is within
     `cfg.drift_ratio` of the training sample's. Returns (index, ids, ranges, trained, how) or (None, why)."""
@@ -603,12 +606,12 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
         n_changed = len(set(removed) | {m.partition for m in added})
         return _refill_ivf(layout, index, ids, ranges, manifests, trained, drift, cfg.drift_ratio,
                            f"{n_changed} of {len(manifests)} partitions changed (more than "
-                           f"{IN_PLACE_MAX_CHANGED:.0%})", carried), ""
+                           f"{IN_PLACE_MAX_CHANGED:.0%})", carried, exact), ""
     drop = _drop_mask(len(ids), ranges, removed)
     n_added = sum(int(m.n_rows) for m in added)
     if ids.arrow.null_count + int(drop.sum()) > MAX_HOLES * (len(ids) + n_added):
         return _refill_ivf(layout, index, ids, ranges, manifests, trained, drift, cfg.drift_ratio,
-                           f"removed positions past {MAX_HOLES:.0%} of the id map (compacted)"), ""
+                           f"removed positions past {MAX_HOLES:.0%} of the id map (compacted)", exact=exact), ""
     if drop.any():
         gone = np.ascontiguousarray(np.flatnonzero(drop).astype(np.int64))
         index.remove_ids(faiss.IDSelectorArray(len(gone), faiss.swig_ptr(gone)))  # what a hashtable map accepts
@@ -670,7 +673,7 @@ def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifest
 
 
 def _refill_ivf(layout: Layout, index, old_ids: ItemIds, ranges: dict, manifests, trained: dict, drift: float,
-                limit: float, why: str, carried: dict[str, np.ndarray] | None = None):
+                limit: float, why: str, carried: dict[str, np.ndarray] | None = None, exact=None):
     """Empty the trained IVF index and add every shard again: a rebuild without k-means (the drift test passed, so
     the centroids and the codec still fit); `trained` stays the original training's record, the drift baseline of
     later updates. On IVF-Flat an unchanged vector goes back into the list it was in (`_carried_lists`), so only
@@ -686,7 +689,7 @@ def _refill_ivf(layout: Layout, index, old_ids: ItemIds, ranges: dict, manifests
     index.reset()  # inverted lists and the direct map emptied; the coarse quantizer and the codec kept
     parts: list = []
     new_ranges: dict = {}
-    _add_shards(index, layout, manifests, 0, parts, new_ranges, with_ids=True, assigned=carried)
+    _add_shards(index, layout, manifests, 0, parts, new_ranges, with_ids=True, assigned=carried, exact=exact)
     ids = ItemIds.concat(parts)
     how = {"mode": "refill", "reason": f"{why}: trained centroids re-used (drift {drift:.2f} <= {limit})",
            "n_partitions_added": len(manifests), "n_partitions_removed": 0, "n_vectors_added": len(ids),
@@ -795,7 +798,7 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
     if problems:
         raise IndexBuildError("index not built:\n  " + "\n  ".join(problems))
     from embed_assets.core.index_tune import TuneConfig, choose_structure, recall_curve, tune
-    from embed_assets.core.metrics import CURVE_KS
+    from embed_assets.core.metrics import CURVE_KS, ExactTopK
 
     version = manifests[0].version if manifests else {}
     want = {m.partition: m.fingerprint for m in manifests}
@@ -803,12 +806,21 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
     structure = choose_structure(sum(m.n_rows for m in manifests), EMBEDDING_DIM, cfg) if kind == "auto" else \
         {"kind": kind, "factory": {"flat": "Flat", "hnsw": "HNSW32,Flat"}.get(kind, kind), "why": "asked for"}
     built_kind, trained, tuning = structure["kind"], None, None
+    exact = None
+    if built_kind != "flat":
+        q, source = queries() if queries is not None else (None, "")
+        if q is None or not len(q):
+            raise IndexBuildError(f"index not built: a {built_kind} index is tuned on held-out queries, and none "
+                                  "were given (configure labelled queries, or items with a title field)")
+        # one exact pass at k = 100 serves the tuning (recall@k) and the recall@k curve the report shows; an IVF
+        # build or refill, which reads every shard anyway, computes it on the way
+        exact = ExactTopK(q, max(cfg.k, *CURVE_KS))
     if built_kind == "ivf":
-        updated, why = _update_ivf_in_place(layout, version, manifests, want, structure, cfg)
+        updated, why = _update_ivf_in_place(layout, version, manifests, want, structure, cfg, exact)
         if updated is not None:
             index, ids, ranges, trained, how = updated
         else:
-            index, ids, ranges, trained = _build_ivf(layout, manifests, structure, cfg)
+            index, ids, ranges, trained = _build_ivf(layout, manifests, structure, cfg, exact)
             how = {"mode": "rebuild", "reason": why, "n_partitions_added": len(manifests), "n_partitions_removed": 0,
                    "n_vectors_added": len(ids), "n_vectors_removed": 0}
     else:
@@ -819,16 +831,14 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
             index, ids, ranges = _build(layout, manifests, built_kind)
             how = {"mode": "rebuild", "n_partitions_added": len(manifests), "n_partitions_removed": 0,
                    "n_vectors_added": len(ids), "n_vectors_removed": 0}
-    if built_kind != "flat":
-        q, source = queries() if queries is not None else (None, "")
-        if q is None or not len(q):
-            raise IndexBuildError(f"index not built: a {built_kind} index is tuned on held-out queries, and none "
-                                  "were given (configure labelled queries, or items with a title field)")
-        # one exact pass at k = 100 serves the tuning (recall@k) and the recall@k curve the report shows
-        gt = exact_search(layout, {"partition_ranges": ranges, "shard_fingerprints": want}, q,
-                          max(cfg.k, *CURVE_KS))
+    if exact is not None:
+        # a full pass fed it every indexed vector once; after an in-place update (only the new shards were read)
+        # the exact search reads the shards itself
+        full_pass = exact.n_seen == len(ids) == index.ntotal
+        gt = exact.result() if full_pass else exact_search(
+            layout, {"partition_ranges": ranges, "shard_fingerprints": want}, q, exact.k)
         tuning = {**tune(index, q, gt, cfg), "target": cfg.recall_target, "k": cfg.k, "queries": source,
-                  "n_queries": int(len(q))}
+                  "n_queries": int(len(q)), "ground_truth": "index pass" if full_pass else "exact search"}
         tuning["recall_at_k"] = recall_curve(index, q, gt)
     # No id can sit in two shards: an item's partition is a function of its id (core/partitioning.py) and every
     # shard above was checked to hold exactly its partition's current rows. So no catalog-sized set() is built here.

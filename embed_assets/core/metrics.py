@@ -107,6 +107,37 @@ def exact_top_k_blocks(blocks, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return ids, scores
 
 
+class ExactTopK:
+    """Exact inner-product top-k of fixed queries over vectors fed block by block with their positions (faiss's
+    ResultHeap, as `knn_ground_truth` merges blocks): a pass that reads every shard anyway (an index build) yields the
+    tuning's ground truth on the way, instead of a second read of the catalog. `n_seen` counts the vectors fed, so
+    the caller can tell a full pass from a partial one."""
+
+    def __init__(self, queries: np.ndarray, k: int):
+        import faiss
+
+        self.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self.k = k
+        self.heap = faiss.ResultHeap(len(self.queries), k, keep_max=True)
+        self.n_seen = 0
+
+    def add(self, positions: np.ndarray, x: np.ndarray) -> None:
+        import faiss
+
+        kk = min(self.k, len(x))
+        self.n_seen += len(x)
+        if kk == 0 or not len(self.queries):
+            return
+        d, i = faiss.knn(self.queries, np.ascontiguousarray(x, dtype=np.float32), kk,
+                         metric=faiss.METRIC_INNER_PRODUCT)
+        self.heap.add_result(d, np.where(i >= 0, np.asarray(positions, dtype=np.int64)[np.maximum(i, 0)], -1))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, positions), best first; -1 where fewer than k vectors were fed."""
+        self.heap.finalize()
+        return self.heap.D, self.heap.I
+
+
 def latency_ms(index, queries: np.ndarray, k: int = 10, budget_s: float | None = None,
                min_queries: int = 10) -> dict[str, float]:
     """Single-query search latency percentiles in milliseconds, over the queries given or as many as fit in

@@ -4,7 +4,8 @@ the drift test or the holes call for a retrain."""
 import numpy as np
 
 from embed_assets.core.index import _list_of_labels, build_from_shards, exact_search, load_index
-from embed_assets.core.index_tune import TuneConfig, choose_structure, held_out_queries, measure, n_lists
+from embed_assets.core.index_tune import (TuneConfig, choose_structure, held_out_queries, measure, n_lists,
+                                          recall_curve)
 from embed_assets.core.items import load_partitions
 from embed_assets.core.layout import Layout
 from embed_assets_tests.conftest import embed_catalog, sample_docs, write_jsonl
@@ -97,6 +98,10 @@ def test_ivf_refill_reuses_the_trained_centroids_when_most_partitions_changed(tm
     assert ids.arrow.null_count == 0 and sorted(ids) == sorted(d["_id"] for d in docs) and gone not in set(ids)
     assert index.ntotal == len(docs) and second["tuning"]["met"]
     q, _ = queries()
+    # the refill fed its ground truth from its own read of the shards; it is the exact search's
+    assert second["tuning"]["ground_truth"] == "index pass" and first["tuning"]["ground_truth"] == "index pass"
+    ivf.nprobe = second["tuning"]["value"]
+    assert second["tuning"]["recall_at_k"] == recall_curve(index, q, exact_search(layout, manifest, q, 100))
     _, gt = exact_search(layout, manifest, q, 10)
     ivf.nprobe = ivf.nlist  # every list: exhaustive, so the exact search's answer
     _, labels = index.search(np.ascontiguousarray(q), 10)
