@@ -33,6 +33,7 @@ from embed_assets.core.shards import (
     NORM_TOLERANCE,
     ShardError,
     ShardManifest,
+    cached_sha256,
     embedding_fingerprint,
     fetch_shard,
     list_manifests,
@@ -194,7 +195,7 @@ def _embed_partition(layout: Layout, key: str, encoder: Encoder, say: Callable[[
     except ShardError as e:
         say(str(e))
         current = None
-    trusted = current is not None and not verify_files(layout, current)
+    trusted = current is not None and not verify_files(layout, current, cached_sha256)  # hashed once per file state
     fetched = False
     if layout.store is not None and not (trusted and current.fingerprint == fp):
         # Not current here: the store may hold it (an earlier pod, another machine), or at least this partition's
