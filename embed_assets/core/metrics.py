@@ -96,14 +96,13 @@ def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nd
 
 
 def exact_top_k_blocks(blocks, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force top-k (ids = rows in block order, scores) over vectors given block by block (faiss.contrib's
-    ground truth): memory is one block, whatever the catalog."""
-    import faiss
-    from faiss.contrib.exhaustive_search import knn_ground_truth
-
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    scores, ids = knn_ground_truth(q, (np.ascontiguousarray(b, dtype=np.float32) for b in blocks), k,
-                                   metric_type=faiss.METRIC_INNER_PRODUCT)
+    """Brute-force top-k (ids = rows in block order, scores) over vectors given block by block (`ExactTopK`, as
+    faiss.contrib's knn_ground_truth): memory is one block, whatever the catalog."""
+    acc, start = ExactTopK(queries, k), 0
+    for b in blocks:
+        acc.add(np.arange(start, start + len(b), dtype=np.int64), b)
+        start += len(b)
+    scores, ids = acc.result()
     return ids, scores
 
 

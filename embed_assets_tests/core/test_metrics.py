@@ -90,3 +90,22 @@ def test_streamed_ground_truth_equals_brute_force_for_an_approximate_index():
     assert (ids == ref).all() and np.allclose(scores, ref_scores, atol=1e-5)
     ann_scores, ann = index.search(q, 10)
     assert ann_recall_at_k(ann, ann_scores, ids, scores, 10) < 1.0  # a small efSearch misses some
+
+
+def test_exact_top_k_over_blocks_equals_one_exact_search():
+    """`ExactTopK` fed uneven blocks with their positions (one smaller than k) gives the exact search's answer over
+    the whole matrix; positions are the caller's, not block rows."""
+    import faiss
+
+    from embed_assets.core.metrics import ExactTopK
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1_000, 24)).astype(np.float32)
+    q = rng.standard_normal((30, 24)).astype(np.float32)
+    acc = ExactTopK(q, 20)
+    for lo, hi in ((0, 7), (7, 400), (400, 1_000)):
+        acc.add(np.arange(lo, hi) + 5_000, x[lo:hi])
+    scores, pos = acc.result()
+    want_s, want_i = faiss.knn(q, x, 20, metric=faiss.METRIC_INNER_PRODUCT)
+    assert acc.n_seen == 1_000
+    assert (pos == want_i + 5_000).all() and np.allclose(scores, want_s, atol=1e-5)
