@@ -3,6 +3,8 @@ change of 0.01% (loads the model, the precision verdict and the imports, as the 
 1% change made the way incremental.py makes it (half of the items edited, spread evenly; half new), measured.
 
     .venv/bin/python benchmarks/scratch/change_again.py /tmp/embed_incr_XXXX TAG [--json OUT]
+
+PROFILE=out.prof runs the measured change under cProfile (which inflates Python-heavy steps).
 """
 import json
 import os
