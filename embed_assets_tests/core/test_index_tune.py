@@ -63,17 +63,22 @@ def test_ivf_is_tuned_updated_in_place_and_retrained_on_drift(tmp_path, encoder)
     assert len(ids3) == len(docs) and ids3.arrow.null_count == 0  # a rebuild compacts
 
 
-def test_ivf_refill_reuses_the_trained_centroids_when_most_partitions_changed(tmp_path, encoder):
-    """A change spread over most partitions (a uniform 1% edit of a real catalog touches every one) refills the
-    trained index: no k-means, the same centroids, every item once, no holes, and exhaustive search equals exact."""
-    import faiss
-
+def _ivf_catalog(tmp_path, encoder):
+    """480 real items in 16 partitions, an IVF-sized config (flat only up to 100 items) and 60 held-out queries."""
     docs = sample_docs(480)
     corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", docs)
     layout = Layout.at(tmp_path / "home")
     embed_catalog(layout, corpus, encoder, 30)  # 16 partitions
     cfg = TuneConfig(flat_max_items=100, n_queries=60)
-    queries = lambda: held_out_queries(layout, encoder, 60)  # noqa: E731
+    return docs, corpus, layout, cfg, lambda: held_out_queries(layout, encoder, 60)
+
+
+def test_ivf_refill_reuses_the_trained_centroids_when_most_partitions_changed(tmp_path, encoder):
+    """A change spread over most partitions (a uniform 1% edit of a real catalog touches every one) refills the
+    trained index: no k-means, the same centroids, every item once, no holes, and exhaustive search equals exact."""
+    import faiss
+
+    docs, corpus, layout, cfg, queries = _ivf_catalog(tmp_path, encoder)
     first = build_from_shards(layout, load_partitions(layout), "auto", tune_config=cfg, queries=queries)
     index1, _, _ = load_index(layout)
     centroids = faiss.extract_index_ivf(index1).quantizer.reconstruct_n(0, index1.nlist)
@@ -112,12 +117,7 @@ def test_ivf_refill_runs_the_drift_test_first(tmp_path, encoder):
     """A change spread over every partition (the refill's case) still passes the drift test before the refill: the
     sample comes from the same read of the shards that finds the carried vectors. Measured against the training
     sample's distance, it retrains when the limit is below the measured ratio, and refills when it is not."""
-    docs = sample_docs(480)
-    corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", docs)
-    layout = Layout.at(tmp_path / "home")
-    embed_catalog(layout, corpus, encoder, 30)  # 16 partitions
-    cfg = TuneConfig(flat_max_items=100, n_queries=60)
-    queries = lambda: held_out_queries(layout, encoder, 60)  # noqa: E731
+    docs, corpus, layout, cfg, queries = _ivf_catalog(tmp_path, encoder)
     build_from_shards(layout, load_partitions(layout), "auto", tune_config=cfg, queries=queries)
     for i in range(0, len(docs), 8):  # every partition holds some
         docs[i] = {**docs[i], "title": docs[i]["title"] + " (second edition)"}
