@@ -110,30 +110,37 @@ class ExactTopK:
     """Exact inner-product top-k of fixed queries over vectors fed block by block with their positions (faiss's
     ResultHeap, as `knn_ground_truth` merges blocks): a pass that reads every shard anyway (an index build) yields the
     tuning's ground truth on the way, instead of a second read of the catalog. `n_seen` counts the vectors fed, so
-    the caller can tell a full pass from a partial one."""
+    the caller can tell a full pass from a partial one. `exclude` (one position per query) leaves that position out
+    of the query's answer: an item used as a query is not its own neighbour."""
 
-    def __init__(self, queries: np.ndarray, k: int):
+    def __init__(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None):
         import faiss
 
         self.queries = np.ascontiguousarray(queries, dtype=np.float32)
         self.k = k
+        self.exclude = None if exclude is None else np.asarray(exclude, dtype=np.int64)[:, None]
         self.heap = faiss.ResultHeap(len(self.queries), k, keep_max=True)
         self.n_seen = 0
 
     def add(self, positions: np.ndarray, x: np.ndarray) -> None:
         import faiss
 
-        kk = min(self.k, len(x))
+        kk = min(self.k + (self.exclude is not None), len(x))  # one more, for the excluded position
         self.n_seen += len(x)
         if kk == 0 or not len(self.queries):
             return
         d, i = faiss.knn(self.queries, np.ascontiguousarray(x, dtype=np.float32), kk,
                          metric=faiss.METRIC_INNER_PRODUCT)
-        self.heap.add_result(d, np.where(i >= 0, np.asarray(positions, dtype=np.int64)[np.maximum(i, 0)], -1))
+        pos = np.where(i >= 0, np.asarray(positions, dtype=np.int64)[np.maximum(i, 0)], -1)
+        if self.exclude is not None:
+            gone = pos == self.exclude
+            d[gone], pos[gone] = -np.inf, -1
+        self.heap.add_result(d, pos)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(scores, positions), best first; -1 where fewer than k vectors were fed."""
         self.heap.finalize()
+        self.heap.I[~np.isfinite(self.heap.D)] = -1
         return self.heap.D, self.heap.I
 
 

@@ -514,16 +514,15 @@ def encode_pass(shards: Sequence[ShardInput], quantizers: Mapping[str, Any], que
     only recomputes their residuals (bit-identical). `per_q[name]["n_carried"]` counts them."""
     import pyarrow as pa
 
+    from embed_assets.core.metrics import ExactTopK
+
     ids_parts, hash_parts = [], []
     per_q = {name: {"codes": [], "cos": [], "sqerr": [], "level_sqerr_sum": np.zeros(q.levels), "seconds": 0.0,
                     "n_carried": 0} for name, q in quantizers.items()}
     use_nn = queries is not None and len(queries) > 0
     if use_nn:
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
         query_rows = np.asarray(query_rows, dtype=np.int64)
-    if use_nn:
-        best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        best_i = np.full((len(queries), k), -1, dtype=np.int64)
+        nn = ExactTopK(queries, k, exclude=query_rows)  # an item is not its own neighbour
     offset, dim, t0 = 0, 0, time.perf_counter()
     for si, s in enumerate(shards):
         ids, vecs = s.load()
@@ -558,7 +557,7 @@ def encode_pass(shards: Sequence[ShardInput], quantizers: Mapping[str, Any], que
                 acc["level_sqerr_sum"] += level_sqerr.sum(axis=0, dtype=np.float64)
                 acc["seconds"] += time.perf_counter() - tq
             if use_nn:
-                best_s, best_i = _merge_knn(queries, query_rows, x, offset + c0, best_s, best_i, k)
+                nn.add(np.arange(offset + c0, offset + c0 + len(x), dtype=np.int64), x)
         offset += len(vecs)
         if log:
             log(f"encoded shard {si + 1}/{len(shards)} ({s.partition}): {offset:,} items, "
@@ -568,10 +567,8 @@ def encode_pass(shards: Sequence[ShardInput], quantizers: Mapping[str, Any], que
         out_q[name] = {"codes": np.concatenate(acc["codes"]), "cos": np.concatenate(acc["cos"]),
                        "sqerr": np.concatenate(acc["sqerr"]), "level_sqerr_sum": acc["level_sqerr_sum"],
                        "seconds": acc["seconds"], "n_carried": acc["n_carried"]}
-    if use_nn:
-        best_i[~np.isfinite(best_s)] = -1
     return _Encoded(pa.concat_arrays(ids_parts), np.concatenate(hash_parts), dim, out_q,
-                    query_rows if use_nn else None, best_i if use_nn else None)
+                    query_rows if use_nn else None, nn.result()[1] if use_nn else None)
 
 
 def _encode_some(q, x: np.ndarray, mask: np.ndarray, stored: np.ndarray):
@@ -615,25 +612,6 @@ def _carried_codes(prev: "SidVersion", table, levels: int):
         return ok, prev_codes[at]
 
     return lookup
-
-
-def _merge_knn(queries: np.ndarray, query_rows: np.ndarray, x: np.ndarray, first_row: int, best_s: np.ndarray,
-               best_i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k of `queries` over rows first_row.. of `x`, merged into (best_s, best_i): faiss's
-    brute-force search (BLAS, a heap per query) for k + 1, then a query's own row is dropped (an item is not its own
-    neighbour)."""
-    import faiss
-
-    kk = min(k + 1, len(x))
-    if kk == 0:
-        return best_s, best_i
-    s, i = faiss.knn(queries, np.ascontiguousarray(x, dtype=np.float32), kk, metric=faiss.METRIC_INNER_PRODUCT)
-    rows = np.where(i >= 0, i + first_row, -1)
-    s[(rows == query_rows[:, None]) | (rows < 0)] = -np.inf
-    cat_s = np.hstack([best_s, s])
-    cat_i = np.hstack([best_i, rows])
-    top = np.argsort(-cat_s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
 
 
 def _check_unique_item_ids(ids) -> None:

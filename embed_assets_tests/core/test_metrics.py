@@ -109,3 +109,25 @@ def test_exact_top_k_over_blocks_equals_one_exact_search():
     want_s, want_i = faiss.knn(q, x, 20, metric=faiss.METRIC_INNER_PRODUCT)
     assert acc.n_seen == 1_000
     assert (pos == want_i + 5_000).all() and np.allclose(scores, want_s, atol=1e-5)
+
+
+def test_exact_top_k_leaves_each_query_out_of_its_own_answer():
+    """The semantic-ID neighbour check (`encode_pass`): items as queries, fed chunk by chunk with uneven chunks, each
+    query's own row excluded; against numpy's exact top-k over the whole matrix."""
+    from embed_assets.core.metrics import ExactTopK
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3_000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rows_q = np.sort(rng.choice(len(x), 40, replace=False))
+    q, k = x[rows_q], 10
+    acc = ExactTopK(q, k, exclude=rows_q)
+    for c0 in range(0, len(x), 700):
+        acc.add(np.arange(c0, min(c0 + 700, len(x))), x[c0:c0 + 700])
+    best_s, best_i = acc.result()
+    sims = q @ x.T
+    sims[np.arange(len(q)), rows_q] = -np.inf
+    want = np.argsort(-sims, axis=1)[:, :k]
+    assert (best_i == want).all()
+    assert np.allclose(best_s, np.take_along_axis(sims, want, 1), atol=1e-5)
+    assert not (best_i == rows_q[:, None]).any()

@@ -416,21 +416,3 @@ def test_refresh_carries_codes_of_unchanged_vectors_bit_identical(tmp_path, real
     old = S.SidVersion(v2.root, v2.name, {k: v for k, v in v2.manifest.items() if k != "input_rows"})
     assert S._carried_codes(old, v2.table(), 3) is None
 
-
-def test_neighbours_merged_chunk_by_chunk_equal_an_exact_search_without_the_item_itself():
-    """encode_pass's neighbour check (`_merge_knn`, faiss brute force per chunk) against numpy's exact top-k over
-    the whole matrix, the query's own row excluded, with chunks that split the rows unevenly."""
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((3_000, 32)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    rows_q = np.sort(rng.choice(len(x), 40, replace=False))
-    q, k = x[rows_q], 10
-    best_s, best_i = np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-    for c0 in range(0, len(x), 700):
-        best_s, best_i = S._merge_knn(q, rows_q, x[c0:c0 + 700], c0, best_s, best_i, k)
-    sims = q @ x.T
-    sims[np.arange(len(q)), rows_q] = -np.inf
-    want = np.argsort(-sims, axis=1)[:, :k]
-    assert (best_i == want).all()
-    assert np.allclose(best_s, np.take_along_axis(sims, want, 1), atol=1e-5)
-    assert not (best_i == rows_q[:, None]).any()
