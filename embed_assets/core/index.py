@@ -342,21 +342,20 @@ def read_index_manifest(layout: Layout, name: str | None = None) -> dict[str, An
 def _read_checked(path, sha256: str, index_manifest, read, rehash: bool = False):
     """`read(fh)` on a file whose sha256 matched, from the same open file (a rebuild that replaces the file in
     between cannot slip another one in), streamed: no copy of the bytes is held beside what `read` builds. The hash
-    is skipped when this very file (same size, mtime, ctime, inode, from the open descriptor) was hashed to this
-    digest before (`shards.remembered_sha256`): versions are written once and never edited, so loading the live
-    index again (the shadow comparison, the report) costs a read, not a read and a 15 GB hash at 10M items.
-    `rehash` always hashes (`embed-assets verify`: bit rot under an unchanged stat is its job)."""
+    is skipped when this very file was hashed to this digest before (`shards.unchanged_since_hashed`), so loading
+    the live index again (the shadow comparison, the report) costs a read, not a read and a 15 GB hash at 10M items.
+    `rehash` always hashes (`embed-assets verify`)."""
     import hashlib
 
-    from embed_assets.core.shards import remember_sha256, remembered_sha256, stat_key
+    from embed_assets.core.shards import remember_sha256, remembered_sha256, stat_key, unchanged_since_hashed
 
     name = str(path)
     try:
         with open(name, "rb") as fh:
             st = os.fstat(fh.fileno())
-            if not rehash and remembered_sha256(name, stat_key(st)) == sha256:
+            if not rehash and remembered_sha256(name, stat_key(st)) == sha256:  # worth a read without a hash
                 out = read(fh)
-                if stat_key(os.fstat(fh.fileno())) == stat_key(st):
+                if unchanged_since_hashed(name, st, stat_key(os.fstat(fh.fileno())), sha256):
                     return out
                 fh.seek(0)
                 del out

@@ -481,6 +481,15 @@ def remember_sha256(path: str, st: os.stat_result, key_after: tuple[int, int, in
         _HASHES.pop(path, None)
 
 
+def unchanged_since_hashed(path: str, st: os.stat_result, key_after: tuple[int, int, int, int], sha256: str) -> bool:
+    """The one rule for trusting a file's bytes without hashing them: the open descriptor's stat (size, mtime, ctime,
+    inode) is the same before and after the read, and that stat was remembered with this digest (`cached_sha256`'s
+    memory: this process, or the folder's cache file). Shards and index versions are only replaced by rename, never
+    edited in place, and an edit in place moves ctime, which no user can set back. `embed-assets verify` re-hashes
+    anyway (bit rot under an unchanged stat is its job)."""
+    return key_after == stat_key(st) and remembered_sha256(path, key_after) == sha256
+
+
 def cached_sha256(path: str | os.PathLike, refresh: bool = False) -> str:
     """sha256 of a file, re-hashed only when its size, mtime, ctime or inode moved ("" when the file is missing).
 
@@ -580,12 +589,9 @@ def current_shards(layout: Layout, row_groups: Sequence[dict[str, Any]], tol: fl
 def read_verified_bytes(path: Path, sha256: str, partition: str) -> bytes:
     """Read a file once and check its bytes: what is parsed is exactly what was checked (no race with a rewrite).
 
-    The bytes are hashed unless this very file (same size, mtime, ctime and inode, the same before and after the read,
-    from the open descriptor) was hashed before to this digest (`cached_sha256`'s memory: this process, or the
-    folder's cache file). Shards are only ever replaced by rename, never edited in place, and an edit in place moves
-    ctime, which no user can set back; so a load costs a read, not a read and a hash, and a pipeline run that loads
-    each shard several times (norm check, re-use, index, semantic IDs) hashes it once. `embed-assets verify` re-hashes
-    everything (bit rot under an unchanged stat is its job)."""
+    The bytes are hashed unless this very file was hashed before to this digest (`unchanged_since_hashed`), so a load
+    costs a read, not a read and a hash, and a pipeline run that loads each shard several times (norm check, re-use,
+    index, semantic IDs) hashes it once."""
     import hashlib
 
     name = str(path)
@@ -596,7 +602,7 @@ def read_verified_bytes(path: Path, sha256: str, partition: str) -> bytes:
             key_after = stat_key(os.fstat(fh.fileno()))
     except FileNotFoundError:
         raise ShardError(f"shard {partition}: {path.name} is missing; re-materialize partition {partition}") from None
-    if key_after == stat_key(st) and remembered_sha256(name, key_after) == sha256:
+    if unchanged_since_hashed(name, st, key_after, sha256):
         return data
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
