@@ -48,6 +48,42 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+class HashingWriter:
+    """A binary file for writers that take one (torch.save, faiss's PyCallbackIOWriter): what goes through
+    `write` goes to `fh` and into a sha256, so the checksum of a file costs no second read of it."""
+
+    def __init__(self, fh) -> None:
+        self.fh = fh
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def write_hashed(path: str | os.PathLike, write: Callable[[HashingWriter], Any], mtime_ns: int | None = None) -> str:
+    """Write a file through `write(HashingWriter)`, not atomically (a file inside a work folder that is renamed
+    whole, or `atomic_write_hashed`'s temp file); returns the sha256 of exactly the bytes written. `mtime_ns` sets
+    the file's mtime afterwards (see shards.write_vouched)."""
+    with open(path, "wb") as fh:
+        hw = HashingWriter(fh)
+        write(hw)
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+    return hw.sha256.hexdigest()
+
+
+def atomic_write_hashed(path: str | os.PathLike, write: Callable[[HashingWriter], Any],
+                        mtime_ns: int | None = None) -> str:
+    """`atomic_write` of `write_hashed`: returns the sha256 of exactly the bytes written."""
+    digest: list[str] = []
+    atomic_write(path, lambda tmp: digest.append(write_hashed(tmp, write, mtime_ns)))
+    return digest[0]
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -18,6 +18,7 @@ live index. Version names are unique across HOME and the store.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -32,10 +33,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from embed_assets.core.atomic import atomic_write, atomic_write_json, sha256_file
+from embed_assets.core.atomic import atomic_write, atomic_write_json, write_hashed
 from embed_assets.core.encoder import EMBEDDING_DIM
 from embed_assets.core.faults import crash_point
 from embed_assets.core.layout import Layout
+from embed_assets.core.shards import backdated_mtime_ns, remember_written
 
 
 log = logging.getLogger(__name__)
@@ -220,19 +222,25 @@ def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str
     work = root / f".build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
     try:
-        pq.write_table(pa.table({"item_id": arr}), work / layout.index_ids.name)
-        faiss.write_index(index, str(work / layout.index_file.name))
+        # each file hashed as it is written (no second read of a 15 GB index), its mtime set back so the digest
+        # is remembered for the loads that follow (the shadow comparison, the report): see shards.write_vouched
+        mtime = backdated_mtime_ns()
+        buf = io.BytesIO()  # (pyarrow writes only to its own or a full Python file object)
+        pq.write_table(pa.table({"item_id": arr}), buf)
+        ids_sha = write_hashed(work / layout.index_ids.name, lambda fh: fh.write(buf.getbuffer()), mtime)
+        del buf
+        index_sha = write_hashed(work / layout.index_file.name,
+                                 lambda fh: faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write)), mtime)
         crash_point("index_write")  # a half-built version: never named vNNNNN, never current
-        files = {f: work / f for f in (layout.index_file.name, layout.index_ids.name)}
         manifest = {
             **meta,
             "version_name": name,
             "n_items": int(index.ntotal),
             "index_file": layout.index_file.name,
-            "index_sha256": sha256_file(files[layout.index_file.name]),
-            "index_bytes": files[layout.index_file.name].stat().st_size,
+            "index_sha256": index_sha,
+            "index_bytes": (work / layout.index_file.name).stat().st_size,
             "ids_file": layout.index_ids.name,
-            "ids_sha256": sha256_file(files[layout.index_ids.name]),
+            "ids_sha256": ids_sha,
             "created_at": time.time(),
             "made_room": made_room,  # older versions removed before this one was written (disk short): names
         }
@@ -241,6 +249,8 @@ def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    for f, digest in ((layout.index_file.name, index_sha), (layout.index_ids.name, ids_sha)):
+        remember_written(root / name / f, digest)
     return name, manifest
 
 
@@ -405,7 +415,16 @@ def in_place_memory_limit() -> int:
 
 
 MAX_HOLES = 0.25  # an IVF index whose removed positions pass this share of its id map is refilled (compacted)
-FRESH_SAMPLE_ROWS = 20_000  # per changed shard, at most: the vectors the IVF drift test measures
+FRESH_SAMPLE_ROWS = 5_000  # per changed shard, at most: the vectors the IVF drift test measures (`drift_sample`)
+
+
+def drift_sample(emb: np.ndarray, n: int = FRESH_SAMPLE_ROWS) -> np.ndarray:
+    """n rows spread evenly over a shard (every len/n-th row), as fp32: the drift test's sample of it. Not its first
+    n rows: a shard's rows are in item-id order, and ids made from one source record sit together, so the first
+    5,000 rows of a 125,000-row Myntra shard held a few hundred products and measured 1.34x where the spread sample
+    measures (benchmarks/README.md, eighth session)."""
+    step = max(1, -(-len(emb) // n))  # ceil: at most n rows
+    return np.asarray(emb[::step][:n], dtype=np.float32)
 
 
 def stored_vectors(index, positions) -> np.ndarray:
@@ -590,10 +609,10 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
         # one read of each shard finds the unchanged vectors (kept in their lists by the refill) and takes the sample
         carried, fresh = _carried_lists(layout, index, ids, ranges, manifests, FRESH_SAMPLE_ROWS,
                                         {m.partition for m in drift_from})
-        fresh += [load_verified(layout, m)[1][:FRESH_SAMPLE_ROWS].astype(np.float32)
+        fresh += [drift_sample(load_verified(layout, m)[1])
                   for m in drift_from if m.partition not in ranges]  # partitions new to the index (a split)
     else:
-        fresh = [load_verified(layout, m)[1][:FRESH_SAMPLE_ROWS].astype(np.float32) for m in drift_from]
+        fresh = [drift_sample(load_verified(layout, m)[1]) for m in drift_from]
     fresh = [f for f in fresh if len(f)]
     drift = (centroid_distance(index, np.concatenate(fresh)) / trained["train_centroid_distance"]
              if fresh and trained.get("train_centroid_distance") else 1.0)
@@ -641,7 +660,7 @@ def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifest
     """Per partition still in `ranges`: for each row of its current shard, the inverted list its unchanged vector
     already sits in (same item id in the same partition, and the stored vector equal to the shard's, compared
     exactly: IVF-Flat stores the fp32 of the fp16 values), else -1. One shard in memory at a time. Also returns the
-    first `sample_rows` vectors of each shard of `sample_from` (fp32): the drift test's sample, from the same read."""
+    `drift_sample` (fp32) of each shard of `sample_from`: the drift test's sample, from the same read."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -666,7 +685,7 @@ def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifest
             assign[r[same]] = list_of[lab[same]]
         out[m.partition] = assign
         if m.partition in sample_from:
-            fresh.append(emb[:sample_rows].astype(np.float32))
+            fresh.append(drift_sample(emb, sample_rows))
         del emb, shard_ids
     return out, fresh
 

@@ -28,7 +28,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from embed_assets.core.atomic import atomic_write_bytes, atomic_write_json, sha256_file, temp_path_for
+from embed_assets.core.atomic import (atomic_write_bytes, atomic_write_hashed, atomic_write_json, sha256_file,
+                                     temp_path_for)
 from embed_assets.core.faults import crash_point
 from embed_assets.core.layout import Layout
 
@@ -181,26 +182,12 @@ def norms_within(norms: dict[str, float], tol: float) -> bool:
     return norms["frac_outside_tol"] == 0 and 1 - tol <= norms["min"] and norms["max"] <= 1 + tol
 
 
-def _pt_bytes(item_ids: Sequence[str], emb: np.ndarray) -> bytes:
-    import io
-
+def write_shard_pt(path: Path, item_ids: Sequence[str], emb: np.ndarray) -> str:
+    """Write the seed-format shard (torch.save straight into the file, hashed as it goes); returns its sha256."""
     import torch
 
-    buf = io.BytesIO()
-    torch.save({"item_id": list(item_ids),
-                "embeddings": torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float16))}, buf)
-    return buf.getvalue()
-
-
-def _write_hashed(path: Path, data: bytes) -> str:
-    """Write atomically; return the sha256 of exactly the bytes written (not of what is on disk afterwards)."""
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_shard_pt(path: Path, item_ids: Sequence[str], emb: np.ndarray) -> str:
-    """Write the seed-format shard; returns its sha256."""
-    return _write_hashed(path, _pt_bytes(item_ids, emb))
+    obj = {"item_id": list(item_ids), "embeddings": torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float16))}
+    return write_vouched(path, lambda fh: torch.save(obj, fh))
 
 
 def _load_pt(data: bytes) -> tuple[list[str], np.ndarray]:
@@ -230,7 +217,7 @@ def write_shard_items(path: Path, item_ids: Sequence[str], text_hashes: Sequence
                       "text_hash": pa.array(list(text_hashes), pa.string())})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    return _write_hashed(path, buf.getvalue())
+    return write_vouched(path, lambda fh: fh.write(buf.getbuffer()))
 
 
 def keep_previous(layout: Layout, key: str) -> None:
@@ -240,7 +227,7 @@ def keep_previous(layout: Layout, key: str) -> None:
         current = read_manifest(layout, key)
     except ShardError:
         return
-    if current is None or verify_files(layout, current):
+    if current is None or verify_files(layout, current, cached_sha256):
         return  # only a trusted shard is worth keeping; never overwrite a good previous copy with a broken one
     layout.previous_dir.mkdir(parents=True, exist_ok=True)
     (layout.previous_dir / layout.shard_manifest(key).name).unlink(missing_ok=True)
@@ -479,6 +466,29 @@ def remember_sha256(path: str, st: os.stat_result, key_after: tuple[int, int, in
         _remember_on_disk(path, key, digest)
     else:
         _HASHES.pop(path, None)
+
+
+def backdated_mtime_ns() -> int:
+    """An mtime for a file this process writes and hashes as it goes (`write_vouched`): _RACY_S + 1 s in the past.
+    Any later write to the file sets its mtime to the present, which cannot equal this one, so its remembered digest
+    is never racy and is remembered at once; without it, a file is re-hashed by everything that checks it within
+    _RACY_S of its writing (the catalog record, the norm check: about 3 reads of every new shard)."""
+    return time.time_ns() - int((_RACY_S + 1) * 1e9)
+
+
+def remember_written(path: str | os.PathLike, digest: str) -> None:
+    """Remember the digest of a file this process wrote with `backdated_mtime_ns` (hashed as it was written)."""
+    st = os.stat(path)
+    remember_sha256(str(path), st, stat_key(st), digest)
+
+
+def write_vouched(path: Path, write: Callable[[Any], Any]) -> str:
+    """Write a file atomically through `write(fh)`, hashed as it goes; returns the sha256 of exactly the bytes written
+    and remembers it for the file's stat (`backdated_mtime_ns`), so the readers that check the file next do not hash
+    it again."""
+    digest = atomic_write_hashed(path, write, backdated_mtime_ns())
+    remember_written(path, digest)
+    return digest
 
 
 def unchanged_since_hashed(path: str, st: os.stat_result, key_after: tuple[int, int, int, int], sha256: str) -> bool:

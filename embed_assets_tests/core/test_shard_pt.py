@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from embed_assets.core.shard_pt import NotASimpleShard, read_shard_pt
-from embed_assets.core.shards import _load_pt, _pt_bytes
+from embed_assets.core.shards import _load_pt, write_shard_pt
 
 
 def _torch_load(data: bytes):
@@ -19,11 +19,15 @@ def _torch_load(data: bytes):
 
 
 @pytest.mark.parametrize("n", [0, 1, 3_000])
-def test_reads_what_torch_reads(n):
+def test_reads_what_torch_reads(n, tmp_path):
+    import hashlib
+
     rng = np.random.default_rng(n)
     ids = [f"item-{i}-é" for i in range(n)]
     emb = rng.standard_normal((n, 384)).astype(np.float16)
-    data = _pt_bytes(ids, emb)
+    digest = write_shard_pt(tmp_path / "shard.pt", ids, emb)  # torch.save streamed into the file, hashed on the way
+    data = (tmp_path / "shard.pt").read_bytes()
+    assert digest == hashlib.sha256(data).hexdigest()
     got_ids, got = read_shard_pt(data)
     want_ids, want = _torch_load(data)
     assert got_ids == want_ids == ids

@@ -284,6 +284,30 @@ def test_the_live_index_loaded_again_is_not_hashed_again_but_an_edit_in_place_is
     assert len(calls) == 3
 
 
+def test_files_this_process_writes_are_not_hashed_again_yet_an_edit_in_place_is_caught(built, monkeypatch):
+    """A shard and an index version are hashed as they are written, and their mtime is set back past the racy window,
+    so the readers right after the writer (the catalog record, the norm check, the shadow comparison, the report)
+    trust the remembered digest without hashing: 0 hashes, with no waiting. An edit in place a moment later, mtime
+    put back, moves ctime: hashed again and refused."""
+    layout, groups, _ = built
+    key = groups[0]["partition"]
+    m, pt = read_manifest(layout, key), layout.shard_pt(key)
+    build_from_shards(layout, groups)
+    calls = _count_sha256(monkeypatch)
+    ids, emb = load_verified(layout, m)
+    assert catalog.ingest_manifest(layout, m)
+    a, _, _ = load_index(layout)
+    assert calls == [] and len(ids) == len(emb) and a.ntotal == 120
+    _edit_in_place_keeping_mtime(pt)
+    with pytest.raises(ShardError, match="checksum mismatch"):
+        load_verified(layout, m)
+    f = layout.index_dir / layout.index_file.name
+    _edit_in_place_keeping_mtime(f)
+    with pytest.raises(IndexBuildError, match="does not match"):
+        load_index(layout)
+    assert len(calls) == 2
+
+
 def test_the_repair_a_run_starts_with_hashes_only_what_changed_and_verify_hashes_everything(built, monkeypatch):
     """`embed-assets run` repairs leftovers first (`verify(full=False)`): an unchanged shard is not hashed again, so
     the run's start costs O(change), not O(catalog bytes). A shard edited in place is still found and removed.
