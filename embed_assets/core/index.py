@@ -250,7 +250,7 @@ def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str
         shutil.rmtree(work, ignore_errors=True)
         raise
     for f, digest in ((layout.index_file.name, index_sha), (layout.index_ids.name, ids_sha)):
-        remember_written(root / name / f, digest)
+        remember_written(root / name / f, digest, mtime)
     return name, manifest
 
 

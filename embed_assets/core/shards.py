@@ -15,7 +15,6 @@ file checked against the store's manifest before it is used.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -476,18 +475,21 @@ def backdated_mtime_ns() -> int:
     return time.time_ns() - int((_RACY_S + 1) * 1e9)
 
 
-def remember_written(path: str | os.PathLike, digest: str) -> None:
-    """Remember the digest of a file this process wrote with `backdated_mtime_ns` (hashed as it was written)."""
+def remember_written(path: str | os.PathLike, digest: str, mtime_ns: int) -> None:
+    """Remember the digest of a file this process wrote (hashed as it was written) and gave `mtime_ns`
+    (`backdated_mtime_ns`). Not when its mtime is no longer that one: written again since, by someone else."""
     st = os.stat(path)
-    remember_sha256(str(path), st, stat_key(st), digest)
+    if st.st_mtime_ns == mtime_ns:
+        remember_sha256(str(path), st, stat_key(st), digest)
 
 
 def write_vouched(path: Path, write: Callable[[Any], Any]) -> str:
     """Write a file atomically through `write(fh)`, hashed as it goes; returns the sha256 of exactly the bytes written
     and remembers it for the file's stat (`backdated_mtime_ns`), so the readers that check the file next do not hash
     it again."""
-    digest = atomic_write_hashed(path, write, backdated_mtime_ns())
-    remember_written(path, digest)
+    mtime = backdated_mtime_ns()
+    digest = atomic_write_hashed(path, write, mtime)
+    remember_written(path, digest, mtime)
     return digest
 
 

@@ -147,3 +147,54 @@ def test_the_drift_sample_spans_the_shard_not_its_head():
     assert s.dtype == np.float32 and s.shape == (100, 384)
     assert np.bincount(s.argmax(axis=1), minlength=4).tolist() == [25, 25, 25, 25]
     assert np.array_equal(drift_sample(emb[:50], 100), emb[:50].astype(np.float32))  # a small shard: all of it
+
+
+class _Counting:
+    """The real encoder, counting the texts it is given."""
+
+    def __init__(self, encoder, version=None):
+        self.encoder, self.texts = encoder, []
+        self.version = version or encoder.version
+
+    def encode(self, texts):
+        self.texts += list(texts)
+        return self.encoder.encode(texts)
+
+
+def test_the_tuning_queries_keep_their_items_and_their_vectors_are_re_used(tmp_path, encoder):
+    """The held-out titles are those of the items with the smallest seeded id hash: an edit changes one of them, and
+    only that one is encoded again; the others' vectors come from index/tuning_queries.parquet, as they were. A
+    cache of another embedding version is not used."""
+    from embed_assets.core.index_tune import sample_titles
+    from embed_assets.core.items import process_items
+
+    docs = sample_docs(200)
+    corpus = write_jsonl(tmp_path / "raw" / "corpus.jsonl", docs)
+    layout = Layout.at(tmp_path / "home")
+    process_items(layout, [corpus], "_id", ["title", "text"], partition_size=60)
+    titles = sample_titles(layout, 20)
+    assert len(set(titles)) == 20
+    enc = _Counting(encoder)
+    q1, source = held_out_queries(layout, enc, 20)
+    assert "item-id hash" in source and sorted(enc.texts) == sorted(titles) and q1.shape == (20, 384)
+    q2, _ = held_out_queries(layout, enc, 20)
+    assert len(enc.texts) == 20 and np.array_equal(q1, q2)  # nothing encoded again
+
+    at = next(i for i, d in enumerate(docs) if d["title"] == titles[7])
+    docs[at] = {**docs[at], "title": "An edited title about protein folding"}
+    docs.append({"_id": "a-new-item", "title": "A new item about gene expression", "text": "new"})
+    write_jsonl(corpus, docs)
+    process_items(layout, [corpus], "_id", ["title", "text"], partition_size=60)
+    after = sample_titles(layout, 20)
+    kept = [t for t in titles if t != titles[7]]
+    assert "An edited title about protein folding" in after or "A new item about gene expression" in after
+    assert len(set(kept) & set(after)) >= 18  # one edited, at most one pushed out by the new item
+    enc.texts.clear()
+    q3, _ = held_out_queries(layout, enc, 20)
+    assert sorted(enc.texts) == sorted(set(after) - set(titles))  # only what is new to the sample
+    for i, t in enumerate(after):
+        if t in titles:
+            assert np.array_equal(q3[i], q1[titles.index(t)])
+    other = _Counting(encoder, version={**encoder.version, "model_revision": "another"})
+    held_out_queries(layout, other, 20)
+    assert sorted(other.texts) == sorted(after)
