@@ -111,6 +111,19 @@ def run_cli(args: list[str], cwd: Path, crash_at: str | None = None) -> subproce
                           cwd=cwd, env=env, timeout=900)
 
 
+class CountingEncoder:
+    """The real encoder, recording the texts it is given (what a cache saved it from encoding). `version` replaces
+    the embedding version it reports (another model, as far as a cache can tell)."""
+
+    def __init__(self, encoder, version: dict | None = None):
+        self.encoder, self.texts = encoder, []
+        self.version = version or encoder.version
+
+    def encode(self, texts):
+        self.texts += list(texts)
+        return self.encoder.encode(texts)
+
+
 def embed_catalog(layout, corpus: Path, encoder, partition_size: int) -> None:
     """processed_items (titles as the text) and every partition's shard, through the core functions."""
     from embed_assets.core.embed import embed_partition

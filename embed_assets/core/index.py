@@ -431,7 +431,7 @@ def stored_vectors(index, positions) -> np.ndarray:
     """The stored vectors of a few positions (fp32, n x d; never a copy of the whole index)."""
     if not len(positions):
         return np.zeros((0, index.d), dtype=np.float32)
-    return np.stack([index.reconstruct(int(p)) for p in positions]).astype(np.float32)
+    return np.ascontiguousarray(index.reconstruct_batch(np.asarray(positions, dtype=np.int64)), dtype=np.float32)
 
 
 def stored_blocks(layout: Layout, manifest: dict[str, Any]):
@@ -669,7 +669,9 @@ def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifest
     list_of = _list_of_labels(ivf, len(old_ids))
     out: dict[str, np.ndarray] = {}
     fresh: list[np.ndarray] = []
-    for m in manifests:
+    # last shard first: the refill then adds them first shard first, and its first reads find the shards read last
+    # here still parsed (shards.load_verified keeps the last two), not the ones read longest ago
+    for m in reversed(manifests):
         if m.partition not in ranges:
             continue
         start, count = ranges[m.partition]

@@ -159,29 +159,34 @@ def tfidf_labelled(layout: Layout, queries: dict[str, str], qrels: dict, n_items
 
 def field_to_item(layout: Layout, index, ids, encoder, pool: int = POOL, n_queries: int = 500,
                   seed: int = 0) -> dict[str, Any]:
-    """Label-free eval on every catalog: each of `n_queries` items' title is searched among a seeded pool of `pool`
-    items (the queried items among them); recall@1 and @10 of finding the item itself, for the embeddings (exact
-    search over the pool's stored vectors) and for TF-IDF over the pool's texts. Items whose title is their whole
-    text are left out (the task would be trivial)."""
+    """Label-free eval on every catalog: each of `n_queries` items' title is searched among a pool of `pool` items
+    (the queried items among them); recall@1 and @10 of finding the item itself, for the embeddings (exact search
+    over the pool's stored vectors) and for TF-IDF over the pool's texts. Items whose title is their whole text are
+    left out (the task would be trivial). The pool is the items with the smallest seeded hash of their id, the
+    queries its first eligible items in that order: the same items from one report to the next but for those
+    changed, so the numbers compare across versions, and the queries' vectors are re-used
+    (`index_tune.encode_cached`, HOME/reports/field_to_item_queries.parquet)."""
     import duckdb
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    valid = ids.valid_positions()
-    rng = np.random.default_rng(seed)
-    picked = np.sort(rng.choice(valid, size=min(pool, len(valid)), replace=False))
-    pool_ids = [ids[int(p)] for p in picked]
+    from embed_assets.core.index_tune import encode_cached
+
     with duckdb.connect() as con:
-        con.register("pool", pa.table({"item_id": pa.array(pool_ids, pa.string())}))
-        rows = dict((r[0], (r[1], r[2])) for r in con.execute(
-            f"SELECT p.item_id, p.title, p.text FROM read_parquet('{layout.partitions_dir}/*.parquet') p "
-            "JOIN pool USING (item_id)").fetchall())
-    texts = [rows.get(i, ("", ""))[1] for i in pool_ids]
-    cand = [j for j, i in enumerate(pool_ids) if rows.get(i) and rows[i][0] and rows[i][0].strip() != rows[i][1].strip()]
+        rows = con.execute(
+            f"SELECT item_id, title, text FROM read_parquet('{layout.partitions_dir}/*.parquet') "
+            f"ORDER BY hash(item_id || ?), item_id LIMIT {int(pool)}", [str(seed)]).fetchall()
+    at = pc.index_in(pa.array([r[0] for r in rows], pa.string()), value_set=ids.arrow)
+    held = pc.is_valid(at)  # the items the index holds (processed_items may have changed since it was built)
+    rows = [r for r, h in zip(rows, held.to_numpy(zero_copy_only=False)) if h]
+    picked = at.filter(held).to_numpy(zero_copy_only=False).astype(np.int64)  # their positions in the index
+    pool_ids, texts = [r[0] for r in rows], [r[2] or "" for r in rows]
+    cand = [j for j, r in enumerate(rows) if r[1] and r[1].strip() != (r[2] or "").strip()]
     if not cand:
         return {"skipped": "no item has a title distinct from its text", "pool": len(pool_ids)}
-    qrows = np.sort(rng.choice(cand, size=min(n_queries, len(cand)), replace=False))
-    titles = [rows[pool_ids[j]][0] for j in qrows]
-    qv, _ = encoder.encode(titles)
+    qrows = np.asarray(cand[:n_queries], dtype=np.int64)
+    titles = [rows[j][1] for j in qrows]
+    qv = encode_cached(encoder, titles, layout.reports_dir / "field_to_item_queries.parquet")
     pool_vecs = stored_vectors(index, picked)
     from embed_assets.core.metrics import exact_top_k
 

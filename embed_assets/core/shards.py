@@ -598,6 +598,15 @@ def current_shards(layout: Layout, row_groups: Sequence[dict[str, Any]], tol: fl
     return manifests, problems
 
 
+def _stat_vouches(path: Path, sha256: str) -> bool:
+    """The file's stat now is one remembered with this digest (the rule of `unchanged_since_hashed`, for a caller
+    that needs no bytes)."""
+    try:
+        return remembered_sha256(str(path), stat_key(os.stat(path))) == sha256
+    except FileNotFoundError:
+        return False
+
+
 def read_verified_bytes(path: Path, sha256: str, partition: str) -> bytes:
     """Read a file once and check its bytes: what is parsed is exactly what was checked (no race with a rewrite).
 
@@ -631,8 +640,15 @@ _PARSED_MAX = 2
 
 
 def load_verified(layout: Layout, m: ShardManifest, folder: Path | None = None) -> tuple[list[str], np.ndarray]:
-    """A shard's ids and fp16 vectors, only if the file is byte for byte what its manifest vouches for."""
-    data = read_verified_bytes((folder or layout.embeddings_dir) / m.shard_file, m.shard_sha256, m.partition)
+    """A shard's ids and fp16 vectors, only if the file is byte for byte what its manifest vouches for. A shard parsed
+    already (`_PARSED`) whose file's stat is still the one remembered with this digest is not read at all: the read
+    would only feed a stat check (`read_verified_bytes`), since its bytes are not parsed again."""
+    path = (folder or layout.embeddings_dir) / m.shard_file
+    if m.shard_sha256 in _PARSED and _stat_vouches(path, m.shard_sha256):
+        _PARSED.move_to_end(m.shard_sha256)
+        ids, emb = _PARSED[m.shard_sha256]
+        return list(ids), emb.copy()
+    data = read_verified_bytes(path, m.shard_sha256, m.partition)
     if m.shard_sha256 in _PARSED:
         _PARSED.move_to_end(m.shard_sha256)
         ids, emb = _PARSED[m.shard_sha256]

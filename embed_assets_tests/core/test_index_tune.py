@@ -8,7 +8,7 @@ from embed_assets.core.index_tune import (TuneConfig, choose_structure, held_out
                                           recall_curve)
 from embed_assets.core.items import load_partitions
 from embed_assets.core.layout import Layout
-from embed_assets_tests.conftest import embed_catalog, sample_docs, write_jsonl
+from embed_assets_tests.conftest import CountingEncoder, embed_catalog, sample_docs, write_jsonl
 
 
 def test_structure_follows_size_and_memory_budget():
@@ -149,18 +149,6 @@ def test_the_drift_sample_spans_the_shard_not_its_head():
     assert np.array_equal(drift_sample(emb[:50], 100), emb[:50].astype(np.float32))  # a small shard: all of it
 
 
-class _Counting:
-    """The real encoder, counting the texts it is given."""
-
-    def __init__(self, encoder, version=None):
-        self.encoder, self.texts = encoder, []
-        self.version = version or encoder.version
-
-    def encode(self, texts):
-        self.texts += list(texts)
-        return self.encoder.encode(texts)
-
-
 def test_the_tuning_queries_keep_their_items_and_their_vectors_are_re_used(tmp_path, encoder):
     """The held-out titles are those of the items with the smallest seeded id hash: an edit changes one of them, and
     only that one is encoded again; the others' vectors come from index/tuning_queries.parquet, as they were. A
@@ -174,7 +162,7 @@ def test_the_tuning_queries_keep_their_items_and_their_vectors_are_re_used(tmp_p
     process_items(layout, [corpus], "_id", ["title", "text"], partition_size=60)
     titles = sample_titles(layout, 20)
     assert len(set(titles)) == 20
-    enc = _Counting(encoder)
+    enc = CountingEncoder(encoder)
     q1, source = held_out_queries(layout, enc, 20)
     assert "item-id hash" in source and sorted(enc.texts) == sorted(titles) and q1.shape == (20, 384)
     q2, _ = held_out_queries(layout, enc, 20)
@@ -195,6 +183,6 @@ def test_the_tuning_queries_keep_their_items_and_their_vectors_are_re_used(tmp_p
     for i, t in enumerate(after):
         if t in titles:
             assert np.array_equal(q3[i], q1[titles.index(t)])
-    other = _Counting(encoder, version={**encoder.version, "model_revision": "another"})
+    other = CountingEncoder(encoder, version={**encoder.version, "model_revision": "another"})
     held_out_queries(layout, other, 20)
     assert sorted(other.texts) == sorted(after)

@@ -242,8 +242,9 @@ def _edit_in_place_keeping_mtime(path):
 
 def test_a_shard_loaded_again_is_not_hashed_again_but_an_edit_in_place_is_caught(built, monkeypatch):
     """A pipeline run loads each shard several times (norm check, re-use, index, semantic IDs): the bytes are hashed
-    the first time, and later loads of the very same file (size, mtime, ctime, inode) trust that digest. An edit in
-    place moves ctime even when mtime is put back, so it is hashed again and refused."""
+    the first time, and later loads of the very same file (size, mtime, ctime, inode) trust that digest; a shard still
+    parsed in memory is then not even read. An edit in place moves ctime even when mtime is put back, so it is read,
+    hashed again and refused."""
     import os
     import time
 
@@ -252,15 +253,20 @@ def test_a_shard_loaded_again_is_not_hashed_again_but_an_edit_in_place_is_caught
     m, pt = read_manifest(layout, key), layout.shard_pt(key)
     aged = time.time() - 60  # files written in the last 2 s are always re-hashed (mtime granularity)
     os.utime(pt, (aged, aged))
+    from embed_assets.core import shards
+
     calls = _count_sha256(monkeypatch)
     ids1, emb1 = load_verified(layout, m)
     assert len(calls) == 1
+    reads, real_read = [], shards.read_verified_bytes
+    monkeypatch.setattr(shards, "read_verified_bytes", lambda *a: reads.append(a) or real_read(*a))
     ids2, emb2 = load_verified(layout, m)
     assert len(calls) == 1 and ids2 == ids1 and np.array_equal(emb1, emb2)
+    assert reads == []  # parsed already and its stat unchanged: not even read
     _edit_in_place_keeping_mtime(pt)
     with pytest.raises(ShardError, match="checksum mismatch"):
         load_verified(layout, m)
-    assert len(calls) == 2
+    assert len(calls) == 2 and len(reads) == 1
 
 
 def test_the_live_index_loaded_again_is_not_hashed_again_but_an_edit_in_place_is_caught(built, monkeypatch):
