@@ -196,7 +196,7 @@ def make_room(layout: Layout, need: int, keep: int = KEEP_VERSIONS, say: Callabl
 
 
 def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str, Any],
-                  keep: int = KEEP_VERSIONS) -> tuple[str, dict]:
+                  keep: int = KEEP_VERSIONS, ground_truth: dict[str, np.ndarray] | None = None) -> tuple[str, dict]:
     """A new version folder: ids, index, then the manifest naming both by checksum, built under a temp name and
     renamed into place whole. It is not live until `promote`. Room is made first (`make_room`), so a full disk
     fails before anything is written, with a message, rather than half-way through a 15 GB file."""
@@ -231,6 +231,11 @@ def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str
         del buf
         index_sha = write_hashed(work / layout.index_file.name,
                                  lambda fh: faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write)), mtime)
+        gt_sha = None
+        if ground_truth is not None:  # the tuning's exact answers, for the next refill to carry (CarriedTopK)
+            gt = io.BytesIO()
+            np.savez(gt, **ground_truth)
+            gt_sha = write_hashed(work / GROUND_TRUTH_FILE, lambda fh: fh.write(gt.getbuffer()))
         crash_point("index_write")  # a half-built version: never named vNNNNN, never current
         manifest = {
             **meta,
@@ -243,6 +248,8 @@ def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str
             "ids_sha256": ids_sha,
             "created_at": time.time(),
             "made_room": made_room,  # older versions removed before this one was written (disk short): names
+            "ground_truth_file": GROUND_TRUTH_FILE if gt_sha else None,
+            "ground_truth_sha256": gt_sha,
         }
         atomic_write_json(work / layout.index_manifest.name, manifest)
         os.rename(work, root / name)
@@ -252,6 +259,28 @@ def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str
     for f, digest in ((layout.index_file.name, index_sha), (layout.index_ids.name, ids_sha)):
         remember_written(root / name / f, digest, mtime)
     return name, manifest
+
+
+GROUND_TRUTH_FILE = "ground_truth.npz"
+GROUND_TRUTH_DEPTH = 2  # x the deepest k measured (100): answers kept per query, so most stay exact after a change
+
+
+def load_ground_truth(layout: Layout, manifest: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """The tuning's exact answers stored with an index version (`write_version`), checked against its manifest;
+    None when it has none or the file does not match (the next build then searches every row)."""
+    import hashlib
+
+    name, sha = manifest.get("ground_truth_file"), manifest.get("ground_truth_sha256")
+    if not name or not sha:
+        return None
+    try:
+        data = (version_dir(layout, manifest.get("version_name")) / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha:
+            return None
+        with np.load(io.BytesIO(data)) as z:
+            return {k: z[k] for k in ("keys", "scores", "positions", "cutoff")}
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def save_index(layout: Layout, index, item_ids: Sequence[str], meta: dict[str, Any]) -> dict[str, Any]:
@@ -503,11 +532,14 @@ def faiss_view(index, n: int) -> np.ndarray:
 
 
 def _add_shards(index, layout: Layout, manifests, start: int, ids: list, ranges: dict, with_ids: bool,
-                assigned: dict[str, np.ndarray] | None = None, exact=None) -> int:
+                assigned: dict[str, np.ndarray] | None = None, exact=None,
+                old_positions: dict[str, np.ndarray] | None = None) -> int:
     """Add each shard's vectors (labels = positions from `start` when `with_ids`); returns the next position.
     `assigned` (IVF, with ids): per partition, each row's inverted list where already known, else -1; those rows
     skip the centroid search (the others are searched, and the array is filled in). `exact` (metrics.ExactTopK) is
-    fed each shard's vectors with their positions: the tuning's ground truth from this same read."""
+    fed each shard's vectors with their positions: the tuning's ground truth from this same read; with
+    `old_positions` (per partition, each row's position in the index being refilled when its vector is unchanged,
+    else -1) a `metrics.CarriedTopK` searches only the other rows."""
     import faiss
 
     from embed_assets.core.shards import load_verified
@@ -528,7 +560,7 @@ def _add_shards(index, layout: Layout, manifests, start: int, ids: list, ranges:
         else:
             index.add(x)
         if exact is not None:
-            exact.add(labels, x)
+            exact.add(labels, x, (old_positions or {}).get(m.partition))
         ranges[m.partition] = [pos, len(shard_ids)]
         ids.append(ItemIds(shard_ids))
         pos += len(shard_ids)
@@ -579,10 +611,12 @@ def _drop_mask(n: int, ranges: dict, removed: list[str]) -> np.ndarray:
 
 
 def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[str, str],
-                         structure: dict[str, Any], cfg, exact=None):
+                         structure: dict[str, Any], cfg, exact: list | None = None):
     """Remove changed partitions' labels from the current IVF index and add the new shards at fresh positions, when
     the trained structure still fits: the new vectors' mean squared distance to their centroids is within
-    `cfg.drift_ratio` of the training sample's. Returns (index, ids, ranges, trained, how) or (None, why)."""
+    `cfg.drift_ratio` of the training sample's. Returns (index, ids, ranges, trained, how) or (None, why).
+    `exact`: [the tuning's ExactTopK]; a refill that carries the unchanged vectors replaces it with a CarriedTopK
+    over the live version's stored answers, when it has them."""
     import faiss
 
     from embed_assets.core.index_tune import centroid_distance
@@ -603,12 +637,13 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
         return (index, ids, ranges, trained, {"mode": "unchanged", "n_partitions_added": 0, "n_partitions_removed": 0,
                                               "n_vectors_added": 0, "n_vectors_removed": 0}), ""
     refill = _too_many(removed, added, manifests)
-    carried: dict[str, np.ndarray] = {}
+    carried = None
     drift_from = added[:8]  # the drift test, on the new shards' vectors (a bounded sample of them)
     if refill and isinstance(index, faiss.IndexIVFFlat):
         # one read of each shard finds the unchanged vectors (kept in their lists by the refill) and takes the sample
-        carried, fresh = _carried_lists(layout, index, ids, ranges, manifests, FRESH_SAMPLE_ROWS,
-                                        {m.partition for m in drift_from})
+        lists, fresh, olds = _carried_lists(layout, index, ids, ranges, manifests, FRESH_SAMPLE_ROWS,
+                                            {m.partition for m in drift_from})
+        carried = (lists, olds)
         fresh += [drift_sample(load_verified(layout, m)[1])
                   for m in drift_from if m.partition not in ranges]  # partitions new to the index (a split)
     else:
@@ -622,14 +657,21 @@ def _update_ivf_in_place(layout: Layout, version: dict, manifests, want: dict[st
                       f"(limit {cfg.drift_ratio}); retrained")
     if refill:
         n_changed = len(set(removed) | {m.partition for m in added})
+        acc = exact[0] if exact else None
+        prev = load_ground_truth(layout, old) if acc is not None and carried is not None else None
+        if prev is not None and prev["positions"].shape[1] == acc.k:
+            from embed_assets.core.metrics import CarriedTopK
+
+            acc = exact[0] = CarriedTopK(acc.queries, acc.k, prev, len(ids))  # the old answers, carried over
         return _refill_ivf(layout, index, ids, ranges, manifests, trained, drift, cfg.drift_ratio,
                            f"{n_changed} of {len(manifests)} partitions changed (more than "
-                           f"{IN_PLACE_MAX_CHANGED:.0%})", carried, exact), ""
+                           f"{IN_PLACE_MAX_CHANGED:.0%})", carried, acc), ""
     drop = _drop_mask(len(ids), ranges, removed)
     n_added = sum(int(m.n_rows) for m in added)
     if ids.arrow.null_count + int(drop.sum()) > MAX_HOLES * (len(ids) + n_added):
         return _refill_ivf(layout, index, ids, ranges, manifests, trained, drift, cfg.drift_ratio,
-                           f"removed positions past {MAX_HOLES:.0%} of the id map (compacted)", exact=exact), ""
+                           f"removed positions past {MAX_HOLES:.0%} of the id map (compacted)",
+                           exact=exact[0] if exact else None), ""
     if drop.any():
         gone = np.ascontiguousarray(np.flatnonzero(drop).astype(np.int64))
         index.remove_ids(faiss.IDSelectorArray(len(gone), faiss.swig_ptr(gone)))  # what a hashtable map accepts
@@ -656,11 +698,13 @@ def _list_of_labels(ivf, n: int) -> np.ndarray:
 
 
 def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifests, sample_rows: int = 0,
-                   sample_from: set[str] = frozenset()) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+                   sample_from: set[str] = frozenset()
+                   ) -> tuple[dict[str, np.ndarray], list[np.ndarray], dict[str, np.ndarray]]:
     """Per partition still in `ranges`: for each row of its current shard, the inverted list its unchanged vector
     already sits in (same item id in the same partition, and the stored vector equal to the shard's, compared
     exactly: IVF-Flat stores the fp32 of the fp16 values), else -1. One shard in memory at a time. Also returns the
-    `drift_sample` (fp32) of each shard of `sample_from`: the drift test's sample, from the same read."""
+    `drift_sample` (fp32) of each shard of `sample_from`: the drift test's sample, from the same read, and per
+    partition each row's old position where its vector is unchanged, else -1 (`metrics.CarriedTopK`)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -668,6 +712,7 @@ def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifest
 
     list_of = _list_of_labels(ivf, len(old_ids))
     out: dict[str, np.ndarray] = {}
+    old_positions: dict[str, np.ndarray] = {}
     fresh: list[np.ndarray] = []
     # last shard first: the refill then adds them first shard first, and its first reads find the shards read last
     # here still parsed (shards.load_verified keeps the last two), not the ones read longest ago
@@ -681,19 +726,22 @@ def _carried_lists(layout: Layout, ivf, old_ids: ItemIds, ranges: dict, manifest
         rows = np.flatnonzero(idx >= 0)
         labels = start + idx[rows]
         assign = np.full(len(shard_ids), -1, dtype=np.int64)
+        olds = np.full(len(shard_ids), -1, dtype=np.int64)
         for c in range(0, len(rows), 32_768):  # bounded: 2 x 50 MB of fp32 at a time
             r, lab = rows[c:c + 32_768], labels[c:c + 32_768]
             same = (ivf.reconstruct_batch(lab) == emb[r].astype(np.float32)).all(axis=1)
             assign[r[same]] = list_of[lab[same]]
+            olds[r[same]] = lab[same]
         out[m.partition] = assign
+        old_positions[m.partition] = olds
         if m.partition in sample_from:
             fresh.append(drift_sample(emb, sample_rows))
         del emb, shard_ids
-    return out, fresh
+    return out, fresh, old_positions
 
 
 def _refill_ivf(layout: Layout, index, old_ids: ItemIds, ranges: dict, manifests, trained: dict, drift: float,
-                limit: float, why: str, carried: dict[str, np.ndarray] | None = None, exact=None):
+                limit: float, why: str, carried: tuple | None = None, exact=None):
     """Empty the trained IVF index and add every shard again: a rebuild without k-means (the drift test passed, so
     the centroids and the codec still fit); `trained` stays the original training's record, the drift baseline of
     later updates. On IVF-Flat an unchanged vector goes back into the list it was in (`_carried_lists`), so only
@@ -701,15 +749,19 @@ def _refill_ivf(layout: Layout, index, old_ids: ItemIds, ranges: dict, manifests
     besides k-means. What the lists hold is what a plain refill would put there (test: core/test_index_tune.py)."""
     import faiss
 
-    if carried is None:  # (`carried`: computed already, by the caller's drift test)
-        carried = (_carried_lists(layout, index, old_ids, ranges, manifests)[0]
-                   if isinstance(index, faiss.IndexIVFFlat) and isinstance(ranges, dict) else {})
+    if carried is None:  # (`carried`: (lists, old positions), computed already by the caller's drift test)
+        lists, _, olds = (_carried_lists(layout, index, old_ids, ranges, manifests)
+                          if isinstance(index, faiss.IndexIVFFlat) and isinstance(ranges, dict) else ({}, [], {}))
+    else:
+        lists, olds = carried
+    carried = lists
     del old_ids
     n_carried = sum(int((a >= 0).sum()) for a in carried.values())  # counted before the adds fill the rest in
     index.reset()  # inverted lists and the direct map emptied; the coarse quantizer and the codec kept
     parts: list = []
     new_ranges: dict = {}
-    _add_shards(index, layout, manifests, 0, parts, new_ranges, with_ids=True, assigned=carried, exact=exact)
+    _add_shards(index, layout, manifests, 0, parts, new_ranges, with_ids=True, assigned=carried, exact=exact,
+                old_positions=olds)
     ids = ItemIds.concat(parts)
     how = {"mode": "refill", "reason": f"{why}: trained centroids re-used (drift {drift:.2f} <= {limit})",
            "n_partitions_added": len(manifests), "n_partitions_removed": 0, "n_vectors_added": len(ids),
@@ -818,7 +870,7 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
     if problems:
         raise IndexBuildError("index not built:\n  " + "\n  ".join(problems))
     from embed_assets.core.index_tune import TuneConfig, choose_structure, recall_curve, tune
-    from embed_assets.core.metrics import CURVE_KS, ExactTopK
+    from embed_assets.core.metrics import CURVE_KS, CarriedTopK, ExactTopK, cutoffs, vector_keys
 
     version = manifests[0].version if manifests else {}
     want = {m.partition: m.fingerprint for m in manifests}
@@ -826,19 +878,22 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
     structure = choose_structure(sum(m.n_rows for m in manifests), EMBEDDING_DIM, cfg) if kind == "auto" else \
         {"kind": kind, "factory": {"flat": "Flat", "hnsw": "HNSW32,Flat"}.get(kind, kind), "why": "asked for"}
     built_kind, trained, tuning = structure["kind"], None, None
-    exact = None
+    exact, k_gt = None, max(cfg.k, *CURVE_KS)
     if built_kind != "flat":
         q, source = queries() if queries is not None else (None, "")
         if q is None or not len(q):
             raise IndexBuildError(f"index not built: a {built_kind} index is tuned on held-out queries, and none "
                                   "were given (configure labelled queries, or items with a title field)")
         # one exact pass at k = 100 serves the tuning (recall@k) and the recall@k curve the report shows; an IVF
-        # build or refill, which reads every shard anyway, computes it on the way
-        exact = ExactTopK(q, max(cfg.k, *CURVE_KS))
+        # build or refill, which reads every shard anyway, computes it on the way. It is kept twice as deep, with
+        # the version (ground_truth.npz), so that the next refill can carry it over (CarriedTopK)
+        exact = ExactTopK(q, GROUND_TRUTH_DEPTH * k_gt)
     if built_kind == "ivf":
-        updated, why = _update_ivf_in_place(layout, version, manifests, want, structure, cfg, exact)
+        holder = [exact]  # a refill may answer from the previous version's ground truth (CarriedTopK) instead
+        updated, why = _update_ivf_in_place(layout, version, manifests, want, structure, cfg, holder)
         if updated is not None:
             index, ids, ranges, trained, how = updated
+            exact = holder[0]
         else:
             index, ids, ranges, trained = _build_ivf(layout, manifests, structure, cfg, exact)
             how = {"mode": "rebuild", "reason": why, "n_partitions_added": len(manifests), "n_partitions_removed": 0,
@@ -851,14 +906,27 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
             index, ids, ranges = _build(layout, manifests, built_kind)
             how = {"mode": "rebuild", "n_partitions_added": len(manifests), "n_partitions_removed": 0,
                    "n_vectors_added": len(ids), "n_vectors_removed": 0}
+    ground_truth = None
     if exact is not None:
         # a full pass fed it every indexed vector once; after an in-place update (only the new shards were read)
         # the exact search reads the shards itself
         full_pass = exact.n_seen == len(ids) == index.ntotal
-        gt = exact.result() if full_pass else exact_search(
-            layout, {"partition_ranges": ranges, "shard_fingerprints": want}, q, exact.k)
+        where = {"partition_ranges": ranges, "shard_fingerprints": want}
+        if full_pass and isinstance(exact, CarriedTopK):
+            scores, pos, cut, again = exact.result(need=k_gt)
+            if len(again):  # too many of their answers changed: searched again, over every shard
+                scores[again], pos[again] = exact_search(layout, where, q[again], exact.k)
+                cut[again] = cutoffs(scores[again], pos[again])
+            how_gt = f"carried from the previous version ({len(q) - len(exact.fresh_q) - len(again)} of {len(q)} " \
+                     "queries; the others searched)"
+        else:
+            scores, pos = exact.result() if full_pass else exact_search(layout, where, q, exact.k)
+            cut = cutoffs(scores, pos)
+            how_gt = "index pass" if full_pass else "exact search"
+        ground_truth = {"keys": vector_keys(q), "scores": scores, "positions": pos, "cutoff": cut}
+        gt = (scores[:, :k_gt], pos[:, :k_gt])
         tuning = {**tune(index, q, gt, cfg), "target": cfg.recall_target, "k": cfg.k, "queries": source,
-                  "n_queries": int(len(q)), "ground_truth": "index pass" if full_pass else "exact search"}
+                  "n_queries": int(len(q)), "ground_truth": how_gt}
         tuning["recall_at_k"] = recall_curve(index, q, gt)
     # No id can sit in two shards: an item's partition is a function of its id (core/partitioning.py) and every
     # shard above was checked to hold exactly its partition's current rows. So no catalog-sized set() is built here.
@@ -879,7 +947,7 @@ def build_from_shards(layout: Layout, row_groups: list[dict[str, Any]], kind: st
             q = None
         meta["shadow"] = shadow_compare(layout, index, ids, q, tuning, pcfg) if q is not None and len(q) else \
             {"compared": False, "reason": "no current version" if not current_version(layout) else "no queries"}
-        name, saved = write_version(layout, index, ids, meta, pcfg.keep_versions)
+        name, saved = write_version(layout, index, ids, meta, pcfg.keep_versions, ground_truth)
         blocked = promotion_blockers(tuning, meta["shadow"], pcfg)
         if blocked:
             live = current_version(layout)

@@ -122,7 +122,8 @@ class ExactTopK:
         self.heap = faiss.ResultHeap(len(self.queries), k, keep_max=True)
         self.n_seen = 0
 
-    def add(self, positions: np.ndarray, x: np.ndarray) -> None:
+    def add(self, positions: np.ndarray, x: np.ndarray, old_positions: np.ndarray | None = None) -> None:
+        """`old_positions` is for `CarriedTopK` (same call); ignored here."""
         import faiss
 
         kk = min(self.k + (self.exclude is not None), len(x))  # one more, for the excluded position
@@ -142,6 +143,93 @@ class ExactTopK:
         self.heap.finalize()
         self.heap.I[~np.isfinite(self.heap.D)] = -1
         return self.heap.D, self.heap.I
+
+
+def cutoffs(scores: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Per query, the score at or below which a top-k list may miss rows: its last score when the list is full (rows
+    beyond k score no higher), -inf when it holds every row there was."""
+    if scores.shape[1] == 0:
+        return np.full(len(scores), -np.inf, dtype=np.float32)
+    return np.where(positions[:, -1] >= 0, scores[:, -1], -np.inf).astype(np.float32)
+
+
+def vector_keys(vectors: np.ndarray) -> np.ndarray:
+    """One 8-byte key per vector (blake2b of its fp32 bytes): which stored answers were computed for these very
+    query vectors."""
+    import hashlib
+
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    return np.array([int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little") for r in v],
+                    dtype=np.uint64)
+
+
+class CarriedTopK:
+    """`ExactTopK` after a change, from the previous answers instead of a search over every vector: what a refill
+    that keeps most vectors needs (index.py), fed the same way, block by block, with each row's old position when
+    its vector is the one the previous answers saw (else -1).
+
+    `prev` holds the previous top-k (`scores`, `positions`, `cutoff` per query, and `keys`: `vector_keys` of its
+    queries). A query found there keeps its answers whose row was carried (moved to its new position) and gains
+    the exact top-k of the rows not carried; the result is exact down to the larger of the two cutoffs, since every
+    carried row missing from the old answers scores no higher than the old cutoff. A query not found there is
+    searched over every row. `result` says which carried queries kept fewer than `need` exact answers (many of
+    theirs changed): their caller searches them again. Cost: the rows not carried x the carried queries, plus every
+    row x the new queries; memory: one position per old row (the old -> new map) and the answers."""
+
+    def __init__(self, queries: np.ndarray, k: int, prev: dict[str, np.ndarray], n_old: int):
+        self.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self.k = k
+        at = {int(key): i for i, key in enumerate(prev["keys"])}
+        self.from_prev = np.array([at.get(int(key), -1) for key in vector_keys(self.queries)], dtype=np.int64)
+        self.carried_q = np.flatnonzero(self.from_prev >= 0)
+        self.fresh_q = np.flatnonzero(self.from_prev < 0)
+        self.changed = ExactTopK(self.queries[self.carried_q], k)  # fed only the rows not carried
+        self.full = ExactTopK(self.queries[self.fresh_q], k)  # fed every row
+        self.prev = prev
+        self.new_position = np.full(n_old, -1, dtype=np.int64)
+        self.n_seen = 0
+
+    def add(self, positions: np.ndarray, x: np.ndarray, old_positions: np.ndarray | None = None) -> None:
+        positions = np.asarray(positions, dtype=np.int64)
+        self.n_seen += len(x)
+        if len(self.fresh_q):
+            self.full.add(positions, x)
+        kept = np.zeros(len(x), dtype=bool) if old_positions is None else np.asarray(old_positions) >= 0
+        if kept.any():
+            self.new_position[np.asarray(old_positions)[kept]] = positions[kept]
+        if len(self.carried_q) and (~kept).any():
+            self.changed.add(positions[~kept], np.asarray(x)[~kept])
+
+    def result(self, need: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, positions, cutoff per query, the queries to search again: fewer than `need` exact answers)."""
+        n, k = len(self.queries), self.k
+        scores = np.full((n, k), -np.inf, dtype=np.float32)
+        pos = np.full((n, k), -1, dtype=np.int64)
+        cut = np.full(n, -np.inf, dtype=np.float32)
+        again = np.zeros(n, dtype=bool)
+        if len(self.fresh_q):
+            d, i = self.full.result()
+            scores[self.fresh_q], pos[self.fresh_q], cut[self.fresh_q] = d, i, cutoffs(d, i)
+        if len(self.carried_q):
+            cd, ci = self.changed.result()
+            cc = cutoffs(cd, ci)
+            for j, q in enumerate(self.carried_q):
+                p = self.from_prev[q]
+                old_i = self.prev["positions"][p]
+                moved = np.where(old_i >= 0, self.new_position[np.maximum(old_i, 0)], -1)
+                keep, fresh = moved >= 0, ci[j] >= 0
+                d = np.concatenate([self.prev["scores"][p][keep], cd[j][fresh]])
+                i = np.concatenate([moved[keep], ci[j][fresh]])
+                order = np.argsort(-d, kind="stable")
+                d, i = d[order], i[order]
+                c = max(float(self.prev["cutoff"][p]), float(cc[j]))
+                if len(d) > k:
+                    c = max(c, float(d[k]))
+                exact = d > c if np.isfinite(c) else np.ones(len(d), dtype=bool)
+                d, i = d[exact][:k], i[exact][:k]
+                scores[q, :len(d)], pos[q, :len(d)], cut[q] = d, i, c
+                again[q] = len(d) < need
+        return scores, pos, cut, np.flatnonzero(again)
 
 
 def latency_ms(index, queries: np.ndarray, k: int = 10, budget_s: float | None = None,

@@ -3,7 +3,7 @@ the drift test or the holes call for a retrain."""
 
 import numpy as np
 
-from embed_assets.core.index import _list_of_labels, build_from_shards, exact_search, load_index
+from embed_assets.core.index import _list_of_labels, build_from_shards, exact_search, load_ground_truth, load_index
 from embed_assets.core.index_tune import (TuneConfig, choose_structure, held_out_queries, measure, n_lists,
                                           recall_curve)
 from embed_assets.core.items import load_partitions
@@ -103,10 +103,15 @@ def test_ivf_refill_reuses_the_trained_centroids_when_most_partitions_changed(tm
     assert ids.arrow.null_count == 0 and sorted(ids) == sorted(d["_id"] for d in docs) and gone not in set(ids)
     assert index.ntotal == len(docs) and second["tuning"]["met"]
     q, _ = queries()
-    # the refill fed its ground truth from its own read of the shards; it is the exact search's
-    assert second["tuning"]["ground_truth"] == "index pass" and first["tuning"]["ground_truth"] == "index pass"
+    # the build fed its ground truth from its own read of the shards; the refill carried those answers over and
+    # searched only the 60 edited vectors (and every vector for the queries whose title was edited): it is the
+    # exact search's
+    assert first["tuning"]["ground_truth"] == "index pass"
+    assert second["tuning"]["ground_truth"].startswith("carried from the previous version"), second["tuning"]
     ivf.nprobe = second["tuning"]["value"]
     assert second["tuning"]["recall_at_k"] == recall_curve(index, q, exact_search(layout, manifest, q, 100))
+    stored, (_, exact100) = load_ground_truth(layout, manifest), exact_search(layout, manifest, q, 100)
+    assert [set(r) for r in stored["positions"][:, :100].tolist()] == [set(r) for r in exact100.tolist()]
     _, gt = exact_search(layout, manifest, q, 10)
     ivf.nprobe = ivf.nlist  # every list: exhaustive, so the exact search's answer
     _, labels = index.search(np.ascontiguousarray(q), 10)

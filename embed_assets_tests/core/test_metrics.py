@@ -131,3 +131,53 @@ def test_exact_top_k_leaves_each_query_out_of_its_own_answer():
     assert (best_i == want).all()
     assert np.allclose(best_s, np.take_along_axis(sims, want, 1), atol=1e-5)
     assert not (best_i == rows_q[:, None]).any()
+
+
+def test_carried_top_k_equals_a_search_over_the_changed_catalog():
+    """The previous answers carried over (rows moved to new positions, changed and removed rows dropped) plus a search
+    of the rows not carried give every query exactly what a search over the whole new catalog gives, to the depth
+    its cutoff allows; a new query is searched over every row, and a query that lost most of its answers is flagged
+    to be searched again."""
+    from embed_assets.core.metrics import CarriedTopK, ExactTopK, cutoffs, vector_keys
+
+    rng = np.random.default_rng(3)
+    old = rng.standard_normal((3_000, 32)).astype(np.float32)
+    q = rng.standard_normal((40, 32)).astype(np.float32)
+    q[7] = old[11]  # a query whose answers are mostly about to change
+    k = 40
+    d0 = ExactTopK(q, k)
+    d0.add(np.arange(len(old)), old)
+    s0, p0 = d0.result()
+    prev = {"keys": vector_keys(q), "scores": s0, "positions": p0, "cutoff": cutoffs(s0, p0)}
+
+    # the change: 300 rows edited, 200 removed, 250 added, and every kept row at a new position (in a new order)
+    edited = rng.choice(len(old), 300, replace=False)
+    removed = np.setdiff1d(rng.choice(len(old), 200, replace=False), edited)
+    removed = np.union1d(removed, p0[7])  # query 7 loses all its 40 answers
+    new = old.copy()
+    new[edited] = rng.standard_normal((len(edited), 32)).astype(np.float32)
+    keep = np.setdiff1d(np.arange(len(old)), removed)
+    rows = np.concatenate([new[keep], rng.standard_normal((250, 32)).astype(np.float32)])
+    olds = np.concatenate([np.where(np.isin(keep, edited), -1, keep), np.full(250, -1)])
+    order = rng.permutation(len(rows))
+    rows, olds = rows[order], olds[order]
+    q2 = q.copy()
+    q2[3] += 0.5  # an edited query: not in the previous answers
+
+    acc = CarriedTopK(q2, k, prev, len(old))
+    assert acc.fresh_q.tolist() == [3]
+    for c in range(0, len(rows), 700):
+        acc.add(np.arange(c, min(c + 700, len(rows))), rows[c:c + 700], olds[c:c + 700])
+    scores, pos, cut, again = acc.result(need=10)
+    assert 7 in again.tolist()
+    full = ExactTopK(q2, k)
+    full.add(np.arange(len(rows)), rows)
+    fs, fp = full.result()
+    for j in range(len(q2)):
+        n = int((pos[j] >= 0).sum())
+        assert n >= 10 or j in again
+        if j in again:
+            continue
+        assert pos[j, :n].tolist() == fp[j, :n].tolist(), j
+        np.testing.assert_allclose(scores[j, :n], fs[j, :n], rtol=1e-6)
+        assert n == k or scores[j, n - 1] > cut[j]
