@@ -235,7 +235,7 @@ def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str
         if ground_truth is not None:  # the tuning's exact answers, for the next refill to carry (CarriedTopK)
             gt = io.BytesIO()
             np.savez(gt, **ground_truth)
-            gt_sha = write_hashed(work / GROUND_TRUTH_FILE, lambda fh: fh.write(gt.getbuffer()))
+            gt_sha = write_hashed(work / GROUND_TRUTH_FILE, lambda fh: fh.write(gt.getbuffer()), mtime)
         crash_point("index_write")  # a half-built version: never named vNNNNN, never current
         manifest = {
             **meta,
@@ -256,8 +256,10 @@ def write_version(layout: Layout, index, item_ids: Sequence[str], meta: dict[str
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    for f, digest in ((layout.index_file.name, index_sha), (layout.index_ids.name, ids_sha)):
-        remember_written(root / name / f, digest, mtime)
+    for f, digest in ((layout.index_file.name, index_sha), (layout.index_ids.name, ids_sha),
+                      (GROUND_TRUTH_FILE, gt_sha)):
+        if digest:
+            remember_written(root / name / f, digest, mtime)
     return name, manifest
 
 
@@ -268,18 +270,18 @@ GROUND_TRUTH_DEPTH = 2  # x the deepest k measured (100): answers kept per query
 def load_ground_truth(layout: Layout, manifest: dict[str, Any]) -> dict[str, np.ndarray] | None:
     """The tuning's exact answers stored with an index version (`write_version`), checked against its manifest;
     None when it has none or the file does not match (the next build then searches every row)."""
-    import hashlib
-
     name, sha = manifest.get("ground_truth_file"), manifest.get("ground_truth_sha256")
-    if not name or not sha:
+    if not name or not sha or not manifest.get("version_name"):
         return None
-    try:
-        data = (version_dir(layout, manifest.get("version_name")) / name).read_bytes()
-        if hashlib.sha256(data).hexdigest() != sha:
-            return None
-        with np.load(io.BytesIO(data)) as z:
+    folder = version_dir(layout, manifest["version_name"])
+
+    def read(fh):
+        with np.load(io.BytesIO(fh.read())) as z:
             return {k: z[k] for k in ("keys", "scores", "positions", "cutoff")}
-    except (OSError, ValueError, KeyError):
+
+    try:
+        return _read_checked(folder / name, sha, folder / layout.index_manifest.name, read)
+    except (IndexBuildError, OSError, ValueError, KeyError):
         return None
 
 

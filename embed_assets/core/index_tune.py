@@ -195,15 +195,10 @@ def held_out_queries(layout, encoder, n: int, queries_path: str | None = None, s
 
 
 def sample_titles(layout, n: int, seed: int = 0) -> list[str]:
-    """The non-empty titles of the n items with the smallest seeded hash of their id (one scan of the partitions'
-    item_id and title columns, a top-n: bounded memory)."""
-    import duckdb
+    """The non-empty titles of the n items with the smallest seeded hash of their id (`items.sample_by_id_hash`)."""
+    from embed_assets.core.items import sample_by_id_hash
 
-    files = f"{layout.partitions_dir}/*.parquet"
-    with duckdb.connect() as con:
-        return [t for (t,) in con.execute(
-            f"SELECT title FROM read_parquet('{files}') WHERE length(title) > 0 "
-            f"ORDER BY hash(item_id || ?), item_id LIMIT {int(n)}", [str(seed)]).fetchall()]
+    return [t for (t,) in sample_by_id_hash(layout, n, ["title"], "length(title) > 0", seed)]
 
 
 def encode_cached(encoder, texts: list[str], path) -> np.ndarray:

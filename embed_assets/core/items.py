@@ -152,3 +152,16 @@ def titles_of(layout, item_ids: Sequence[str]) -> dict[str, str]:
         return dict(rows.fetchall())
     finally:
         con.close()
+
+
+def sample_by_id_hash(layout, n: int, columns: Sequence[str], where: str = "TRUE", seed: int = 0) -> list[tuple]:
+    """`columns` of the n processed items (matching `where`) with the smallest seeded hash of their id: a sample
+    that keeps its items from one run to the next but for those changed or removed (the index tuning's held-out
+    titles, the report's title -> item pool), so what is measured on it compares across versions and its vectors
+    can be cached. One scan of the partitions' files, a top-n: bounded memory."""
+    import duckdb
+
+    with duckdb.connect() as con:
+        return con.execute(
+            f"SELECT {', '.join(columns)} FROM read_parquet('{layout.partitions_dir}/*.parquet') WHERE {where} "
+            f"ORDER BY hash(item_id || ?), item_id LIMIT {int(n)}", [str(seed)]).fetchall()

@@ -166,16 +166,13 @@ def field_to_item(layout: Layout, index, ids, encoder, pool: int = POOL, n_queri
     queries its first eligible items in that order: the same items from one report to the next but for those
     changed, so the numbers compare across versions, and the queries' vectors are re-used
     (`index_tune.encode_cached`, HOME/reports/field_to_item_queries.parquet)."""
-    import duckdb
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from embed_assets.core.index_tune import encode_cached
+    from embed_assets.core.items import sample_by_id_hash
 
-    with duckdb.connect() as con:
-        rows = con.execute(
-            f"SELECT item_id, title, text FROM read_parquet('{layout.partitions_dir}/*.parquet') "
-            f"ORDER BY hash(item_id || ?), item_id LIMIT {int(pool)}", [str(seed)]).fetchall()
+    rows = sample_by_id_hash(layout, pool, ["item_id", "title", "text"], seed=seed)
     at = pc.index_in(pa.array([r[0] for r in rows], pa.string()), value_set=ids.arrow)
     held = pc.is_valid(at)  # the items the index holds (processed_items may have changed since it was built)
     rows = [r for r, h in zip(rows, held.to_numpy(zero_copy_only=False)) if h]
