@@ -643,23 +643,19 @@ def load_verified(layout: Layout, m: ShardManifest, folder: Path | None = None) 
     """A shard's ids and fp16 vectors, only if the file is byte for byte what its manifest vouches for. A shard parsed
     already (`_PARSED`) whose file's stat is still the one remembered with this digest is not read at all: the read
     would only feed a stat check (`read_verified_bytes`), since its bytes are not parsed again."""
-    path = (folder or layout.embeddings_dir) / m.shard_file
-    if m.shard_sha256 in _PARSED and _stat_vouches(path, m.shard_sha256):
-        _PARSED.move_to_end(m.shard_sha256)
-        ids, emb = _PARSED[m.shard_sha256]
-        return list(ids), emb.copy()
-    data = read_verified_bytes(path, m.shard_sha256, m.partition)
-    if m.shard_sha256 in _PARSED:
-        _PARSED.move_to_end(m.shard_sha256)
-        ids, emb = _PARSED[m.shard_sha256]
-        return list(ids), emb.copy()
-    try:
-        ids, emb = _load_pt(data)
-    except Exception as e:
-        raise ShardError(f"shard {m.partition}: unreadable ({e}); re-materialize partition {m.partition}") from e
-    _PARSED[m.shard_sha256] = (ids, emb)
-    while len(_PARSED) > _PARSED_MAX:
-        _PARSED.popitem(last=False)
+    path, sha = (folder or layout.embeddings_dir) / m.shard_file, m.shard_sha256
+    if not (sha in _PARSED and _stat_vouches(path, sha)):
+        data = read_verified_bytes(path, sha, m.partition)  # raises unless the bytes are what the manifest says
+        if sha not in _PARSED:
+            try:
+                _PARSED[sha] = _load_pt(data)
+            except Exception as e:
+                raise ShardError(f"shard {m.partition}: unreadable ({e}); re-materialize partition "
+                                 f"{m.partition}") from e
+            while len(_PARSED) > _PARSED_MAX:
+                _PARSED.popitem(last=False)
+    _PARSED.move_to_end(sha)
+    ids, emb = _PARSED[sha]
     return list(ids), emb.copy()
 
 
